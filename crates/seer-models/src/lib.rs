@@ -1,0 +1,11 @@
+//! The architectures seer runs and the weight loading behind them.
+//!
+//! A request flows: vision tower (`clip`) → projector (`llava`) → decoder (`llama`).
+//! Weights reach every layer through one seam, `weights::Vb`, which hides whether they
+//! came from safetensors or GGUF, and every matrix product goes through `linear::Linear`,
+//! which hides whether the weight is dense or quantized.
+
+pub mod error;
+pub mod gguf;
+
+pub use error::{ModelError, Result};
