@@ -1,1 +1,146 @@
-fn main() {}
+//! The `seer` command.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use seer_engine::{GenerateRequest, Message, Role, SamplingParams, Vlm};
+use seer_vision::{ImageInput, ImageLimits};
+
+#[derive(Parser)]
+#[command(name = "seer", version, about = "Run vision-language models on your own machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt about one or more images and exit.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hugging Face model folder, or a GGUF text model (with --mmproj).
+    #[arg(long)]
+    model: PathBuf,
+    /// The GGUF projector ("mmproj") that goes with a GGUF text model.
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
+    /// Threads for matrix products (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An image: a path, an http(s) URL, raw base64 or a data: URL. Repeatable.
+    #[arg(long)]
+    image: Vec<String>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 picks the most likely token every time (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 means no limit.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Generate max-tokens tokens even past end-of-sequence.
+    #[arg(long, hide = true)]
+    ignore_eos: bool,
+    /// Print one JSON object (text, token ids, usage, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the outermost context and every cause after it.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        // candle's CPU kernels size their pools from these at first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("OMP_NUM_THREADS", n.to_string());
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<(Vlm, f64)> {
+    set_threads(args.threads);
+    let start = Instant::now();
+    let vlm = Vlm::load(&args.model, args.mmproj.as_deref()).context("loading the model")?;
+    Ok((vlm, start.elapsed().as_secs_f64() * 1e3))
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let (vlm, load_ms) = load(&args.model)?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(Message::text(Role::System, system.clone()));
+    }
+    let images = args.image.iter().map(|s| ImageInput::parse(s)).collect();
+    messages.push(Message::user_with_images(args.prompt.clone(), images));
+    let req = GenerateRequest {
+        messages,
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
+        ignore_eos: args.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    let stream = !args.json;
+    let mut on_text = |piece: &str| {
+        if stream {
+            let mut out = stdout.lock();
+            // A closed pipe (`seer run ... | head`) ends the generation instead of failing.
+            return out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok();
+        }
+        true
+    };
+    let gen = vlm.generate(&req, &ImageLimits::default(), &mut on_text)?;
+    if args.json {
+        let timings = &gen.timings;
+        let out = serde_json::json!({
+            "text": gen.text,
+            "token_ids": gen.token_ids,
+            "finish_reason": gen.finish_reason,
+            "usage": gen.usage,
+            "timings": {
+                "load_ms": load_ms,
+                "image_encode_ms": timings.image_encode_ms,
+                "prefill_tokens_per_s": timings.prefill_tokens_per_s,
+                "decode_tokens_per_s": timings.decode_tokens_per_s,
+                "ttft_ms": timings.ttft_ms,
+            },
+        });
+        println!("{out}");
+    } else {
+        println!();
+    }
+    Ok(())
+}

@@ -5,7 +5,15 @@
 //! came from safetensors or GGUF, and every matrix product goes through `linear::Linear`,
 //! which hides whether the weight is dense or quantized.
 
+pub mod clip;
 pub mod error;
 pub mod gguf;
+pub mod kv_cache;
+pub mod layers;
+pub mod linear;
+pub mod llama;
+pub mod llava;
+pub mod weights;
 
 pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;

@@ -1,0 +1,200 @@
+//! A loaded vision-language model with everything a request needs around it: tokenizer,
+//! chat template, image preprocessing, and how images are marked in the prompt.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use seer_models::gguf::GgufFile;
+use seer_models::llava::{self, Llava};
+use seer_models::weights::SafetensorsSource;
+use seer_models::ModelError;
+use seer_vision::clip::{ClipProcessorConfig, Pixels};
+use serde_json::Value;
+
+use crate::chat::{ChatTemplate, ImageParts, Message};
+use crate::error::{EngineError, Result};
+use crate::files::{hf_chat_template, read_json, read_json_opt};
+use crate::tokenizer::Tokenizer;
+
+/// The architectures seer can load, for error messages.
+pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5) from a Hugging Face folder; \
+                             a GGUF `llama` text model with an LLaVA `mlp` projector (mmproj)";
+
+/// llama.cpp's default media marker; any string works since it never reaches the tokenizer.
+const MEDIA_MARKER: &str = "<__media__>";
+
+pub enum Preprocess {
+    /// The model's Hugging Face image processor.
+    Hf(ClipProcessorConfig),
+    /// What llama.cpp does for an LLaVA projector: pad to square, resize, normalize.
+    LlamaCppLlava { size: usize, mean: [f32; 3], std: [f32; 3] },
+}
+
+impl Preprocess {
+    pub fn apply(&self, img: &image::RgbImage) -> Pixels {
+        match self {
+            Preprocess::Hf(cfg) => seer_vision::clip::preprocess_hf(img, cfg),
+            Preprocess::LlamaCppLlava { size, mean, std } => seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std),
+        }
+    }
+}
+
+/// How the rendered prompt says "an image goes here".
+pub enum ImageSlot {
+    /// The template writes this token once per image (HF processors expand it).
+    Token(u32),
+    /// The text carries a marker that is cut out; text around it is tokenized piecewise
+    /// (llama.cpp's mtmd).
+    Marker(String),
+}
+
+pub struct Vlm {
+    pub model: Llava,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub image_parts: ImageParts,
+    pub image_slot: ImageSlot,
+    pub preprocess: Preprocess,
+    /// What was loaded, for logs and `/v1/models`.
+    pub name: String,
+}
+
+impl Vlm {
+    /// `model` is a Hugging Face folder, or a GGUF text model with `mmproj` beside it.
+    pub fn load(model: &Path, mmproj: Option<&Path>) -> Result<Vlm> {
+        if !model.exists() {
+            return Err(ModelError::io(model, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")).into());
+        }
+        if model.is_dir() {
+            if mmproj.is_some() {
+                return Err(EngineError::BadRequest(format!(
+                    "--mmproj is for GGUF models; {} is a Hugging Face folder with its own vision tower",
+                    model.display()
+                )));
+            }
+            return load_hf(model);
+        }
+        let mmproj = mmproj.ok_or_else(|| {
+            EngineError::BadRequest(format!(
+                "{} is a single file: a GGUF text model needs its projector, given with --mmproj",
+                model.display()
+            ))
+        })?;
+        load_gguf(model, mmproj)
+    }
+
+    pub fn image_tokens(&self) -> usize {
+        self.model.config.image_tokens()
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.model.language_model.context_length()
+    }
+
+    pub fn render(&self, messages: &[Message]) -> Result<String> {
+        self.template.render(messages, &self.image_parts, true)
+    }
+}
+
+fn load_hf(dir: &Path) -> Result<Vlm> {
+    let config = read_json(&dir.join("config.json"))?;
+    check_hf_architecture(&config)?;
+    let files = llava::safetensors_files(dir)?;
+    let src = Arc::new(SafetensorsSource::open(&files)?);
+    let model = Llava::load_hf(src, &config)?;
+    let tokenizer = Tokenizer::from_hf_dir(dir)?;
+    let source = hf_chat_template(dir)?.ok_or_else(|| {
+        EngineError::Template(format!("{} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)", dir.display()))
+    })?;
+    let template = ChatTemplate::new(&source, tokenizer.bos_token.as_deref().unwrap_or(""), tokenizer.eos_token.as_deref().unwrap_or(""))?;
+    let image_token = model
+        .config
+        .image_token_id
+        .or_else(|| tokenizer.token_to_id("<image>"))
+        .ok_or_else(|| EngineError::Model(ModelError::Config("config.json names no image token".into())))?;
+    Ok(Vlm {
+        model,
+        tokenizer,
+        template,
+        image_parts: ImageParts::Structured,
+        image_slot: ImageSlot::Token(image_token),
+        preprocess: Preprocess::Hf(hf_image_processor(dir)?),
+        name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    })
+}
+
+fn check_hf_architecture(config: &Value) -> Result<()> {
+    let arch = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .or_else(|| config.get("model_type").and_then(Value::as_str))
+        .unwrap_or("(none given)");
+    match arch {
+        "LlavaForConditionalGeneration" | "llava" => Ok(()),
+        other => Err(ModelError::UnsupportedArchitecture { found: other.into(), supported: SUPPORTED.into() }.into()),
+    }
+}
+
+/// `preprocessor_config.json` (2024 hub) or the `image_processor` inside
+/// `processor_config.json` (transformers 5).
+fn hf_image_processor(dir: &Path) -> Result<ClipProcessorConfig> {
+    for name in ["preprocessor_config.json", "processor_config.json"] {
+        let path = dir.join(name);
+        if let Some(json) = read_json_opt(&path)? {
+            return ClipProcessorConfig::from_json_value(&json).map_err(|e| {
+                EngineError::Model(ModelError::Format { path, format: "image processor config", detail: e.to_string() })
+            });
+        }
+    }
+    Err(ModelError::io(dir.join("preprocessor_config.json"), std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
+}
+
+fn load_gguf(model: &Path, mmproj: &Path) -> Result<Vlm> {
+    let text = Arc::new(GgufFile::open(model)?);
+    let proj = Arc::new(GgufFile::open(mmproj)?);
+    let arch = text.architecture()?.to_string();
+    if arch == "clip" {
+        return Err(EngineError::BadRequest(format!(
+            "{} is a projector (mmproj) file: pass the text model with --model and this file with --mmproj",
+            model.display()
+        )));
+    }
+    if proj.architecture()? != "clip" {
+        return Err(ModelError::Mismatch(format!(
+            "{} is not a projector file (general.architecture is `{}`, expected `clip`)",
+            mmproj.display(),
+            proj.architecture()?
+        ))
+        .into());
+    }
+    if arch != "llama" {
+        return Err(ModelError::UnsupportedArchitecture { found: format!("{arch} (in {})", model.display()), supported: SUPPORTED.into() }.into());
+    }
+    let (tokenizer, chat_template) = Tokenizer::from_gguf(&text)?;
+    let source = chat_template.ok_or_else(|| EngineError::Template(format!("{} carries no tokenizer.chat_template", model.display())))?;
+    let template = ChatTemplate::new(&source, tokenizer.bos_token.as_deref().unwrap_or(""), tokenizer.eos_token.as_deref().unwrap_or(""))?;
+    let preprocess = Preprocess::LlamaCppLlava {
+        size: proj.get_u32("clip.vision.image_size")? as usize,
+        mean: f32x3(&proj, "clip.vision.image_mean")?,
+        std: f32x3(&proj, "clip.vision.image_std")?,
+    };
+    let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let llava = Llava::load_gguf(text, proj)?;
+    Ok(Vlm {
+        model: llava,
+        tokenizer,
+        template,
+        image_parts: ImageParts::MarkerFirst(MEDIA_MARKER.into()),
+        image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
+        preprocess,
+        name: model_name,
+    })
+}
+
+fn f32x3(f: &GgufFile, key: &str) -> Result<[f32; 3]> {
+    let bad = || EngineError::Model(ModelError::Format { path: f.path().into(), format: "GGUF", detail: format!("`{key}` is not an array of 3 floats") });
+    let v = f.get(key).ok_or_else(bad)?.to_vec().map_err(|_| bad())?;
+    let xs: Vec<f32> = v.iter().filter_map(|x| x.to_f32().ok()).collect();
+    xs.try_into().map_err(|_| bad())
+}

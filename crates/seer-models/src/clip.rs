@@ -1,0 +1,255 @@
+//! The CLIP vision transformer (ViT) that LLaVA uses as its vision tower: patch
+//! embedding, a class token, learned position embeddings, pre-norm encoder layers.
+//! It returns the hidden states of the layer the VLM config selects, not the pooled output.
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::layers::LayerNorm;
+use crate::linear::{Linear, LinearWeight};
+use crate::weights::Vb;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    QuickGelu,
+    /// Exact (erf) GELU.
+    Gelu,
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "quick_gelu" => Ok(Activation::QuickGelu),
+            "gelu" => Ok(Activation::Gelu),
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Activation::GeluTanh),
+            other => Err(ModelError::Config(format!("activation `{other}` is not supported"))),
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: Activation,
+    /// How many encoder layers to run: the selected feature layer's depth.
+    pub layers_to_run: usize,
+}
+
+impl ClipVisionConfig {
+    /// From a Hugging Face `vision_config` and the VLM's `vision_feature_layer`
+    /// (negative counts from the end, as in `hidden_states[layer]`).
+    pub fn from_hf(v: &Value, feature_layer: i64) -> Result<Self> {
+        let get = |k: &str, default: Option<usize>| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .or(default)
+                .ok_or_else(|| ModelError::Config(format!("vision config has no integer `{k}`")))
+        };
+        let n_layers = get("num_hidden_layers", Some(12))?;
+        // hidden_states has n_layers + 1 entries: the embeddings, then each layer's output.
+        let depth = if feature_layer < 0 { n_layers as i64 + 1 + feature_layer } else { feature_layer };
+        if depth < 0 || depth > n_layers as i64 {
+            return Err(ModelError::Config(format!(
+                "vision_feature_layer {feature_layer} is out of range for {n_layers} layers"
+            )));
+        }
+        let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu");
+        Ok(ClipVisionConfig {
+            hidden_size: get("hidden_size", Some(768))?,
+            intermediate_size: get("intermediate_size", Some(3072))?,
+            num_attention_heads: get("num_attention_heads", Some(12))?,
+            image_size: get("image_size", Some(224))?,
+            patch_size: get("patch_size", Some(32))?,
+            layer_norm_eps: v.get("layer_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5),
+            hidden_act: Activation::from_name(act)?,
+            layers_to_run: depth as usize,
+        })
+    }
+
+    /// From an mmproj file's `clip.vision.*` metadata. llama.cpp's converters store only
+    /// the layers up to the selected feature layer, so all of them run.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let k = |s: &str| format!("clip.vision.{s}");
+        let gelu = f.opt_bool("clip.use_gelu").unwrap_or(false);
+        let blocks = f.get_u32(&k("block_count"))? as usize;
+        let layers_to_run = match f.get(&k("feature_layer")) {
+            Some(v) => max_feature_layer(v).unwrap_or(blocks).min(blocks),
+            None => blocks,
+        };
+        Ok(ClipVisionConfig {
+            hidden_size: f.get_u32(&k("embedding_length"))? as usize,
+            intermediate_size: f.get_u32(&k("feed_forward_length"))? as usize,
+            num_attention_heads: f.get_u32(&k("attention.head_count"))? as usize,
+            image_size: f.get_u32(&k("image_size"))? as usize,
+            patch_size: f.get_u32(&k("patch_size"))? as usize,
+            layer_norm_eps: f.opt_f32(&k("attention.layer_norm_epsilon")).unwrap_or(1e-5) as f64,
+            hidden_act: if gelu { Activation::Gelu } else { Activation::QuickGelu },
+            layers_to_run,
+        })
+    }
+
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+}
+
+fn max_feature_layer(v: &crate::gguf::GgufValue) -> Option<usize> {
+    let items = v.to_vec().ok()?;
+    items.iter().filter_map(|x| x.to_i32().ok().or_else(|| x.to_u32().ok().map(|u| u as i32))).max().map(|m| m as usize)
+}
+
+/// GGUF (mmproj) tensor names for the Hugging Face CLIP names under `vision_model`.
+/// `ffn_swapped` is llama.cpp's legacy LLaVA converter, which wrote fc1 as `ffn_down`.
+pub fn gguf_name(hf: &str, ffn_swapped: bool) -> Option<String> {
+    let simple = match hf {
+        "embeddings.patch_embedding.weight" => Some("v.patch_embd.weight"),
+        "embeddings.patch_embedding.bias" => Some("v.patch_embd.bias"),
+        "embeddings.class_embedding" => Some("v.class_embd"),
+        "embeddings.position_embedding.weight" => Some("v.position_embd.weight"),
+        "pre_layrnorm.weight" => Some("v.pre_ln.weight"),
+        "pre_layrnorm.bias" => Some("v.pre_ln.bias"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = hf.strip_prefix("encoder.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, param) = rest.rsplit_once('.')?;
+    let (up, down) = if ffn_swapped { ("ffn_down", "ffn_up") } else { ("ffn_up", "ffn_down") };
+    let gguf = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.out_proj" => "attn_out",
+        "layer_norm1" => "ln1",
+        "layer_norm2" => "ln2",
+        "mlp.fc1" => up,
+        "mlp.fc2" => down,
+        _ => return None,
+    };
+    Some(format!("v.blk.{layer}.{gguf}.{param}"))
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
+        let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let attn = vb.pp("self_attn");
+        Ok(EncoderLayer {
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), h, eps)?,
+            q_proj: attn.pp("q_proj").linear(h, h, true)?,
+            k_proj: attn.pp("k_proj").linear(h, h, true)?,
+            v_proj: attn.pp("v_proj").linear(h, h, true)?,
+            out_proj: attn.pp("out_proj").linear(h, h, true)?,
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), h, eps)?,
+            fc1: vb.pp("mlp").pp("fc1").linear(h, i, true)?,
+            fc2: vb.pp("mlp").pp("fc2").linear(i, h, true)?,
+            heads: c.num_attention_heads,
+            act: c.hidden_act,
+        })
+    }
+
+    /// `x` is `[b, n, hidden]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.attention(&self.layer_norm1.forward(x)?)?;
+        let x = (x + h)?;
+        let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?)?;
+        x + h
+    }
+
+    fn attention(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, hidden) = x.dims3()?;
+        let d = hidden / self.heads;
+        let split = |y: Tensor| y.reshape((b, n, self.heads, d))?.transpose(1, 2)?.contiguous();
+        let q = (split(self.q_proj.forward(x)?)? * (1.0 / (d as f64).sqrt()))?;
+        let k = split(self.k_proj.forward(x)?)?;
+        let v = split(self.v_proj.forward(x)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, hidden))?;
+        self.out_proj.forward(&y)
+    }
+}
+
+pub struct ClipVisionTransformer {
+    patch_embedding: Linear,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    pub config: ClipVisionConfig,
+}
+
+impl ClipVisionTransformer {
+    /// `vb` points at `vision_model` (HF) or is the mapped mmproj file.
+    pub fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
+        let (h, p) = (c.hidden_size, c.patch_size);
+        let emb = vb.pp("embeddings");
+        // A stride-p convolution over p×p patches is a matrix product over flattened patches.
+        let conv = emb.tensor_shaped("patch_embedding.weight", &[h, 3, p, p])?;
+        let bias = if emb.contains("patch_embedding.bias") { Some(emb.tensor("patch_embedding.bias")?) } else { None };
+        let patch_embedding = Linear::new(LinearWeight::Dense(conv.reshape((h, 3 * p * p))?), bias);
+        let layers = (0..c.layers_to_run)
+            .map(|i| EncoderLayer::load(&vb.pp("encoder.layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClipVisionTransformer {
+            patch_embedding,
+            class_embedding: emb.tensor_shaped("class_embedding", &[h])?,
+            position_embedding: emb.tensor_shaped("position_embedding.weight", &[c.num_patches() + 1, h])?,
+            pre_layrnorm: LayerNorm::load(&vb.pp("pre_layrnorm"), h, c.layer_norm_eps)?,
+            layers,
+            config: c.clone(),
+        })
+    }
+
+    /// `pixels` is `[b, 3, size, size]`; returns the selected layer's hidden states,
+    /// `[b, 1 + patches, hidden]` (class token first).
+    pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, hgt, wid) = pixels.dims4()?;
+        let p = self.config.patch_size;
+        let (gh, gw) = (hgt / p, wid / p);
+        let patches = pixels
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        let x = self.patch_embedding.forward(&patches)?;
+        let hidden = x.dim(2)?;
+        let cls = self.class_embedding.reshape((1, 1, hidden))?.repeat((b, 1, 1))?;
+        let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut x = self.pre_layrnorm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,91 @@
+//! Small building blocks shared by the architectures: norms and token embeddings.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Result as CResult, Tensor, D};
+
+use crate::error::Result;
+use crate::linear::{Linear, LinearWeight};
+use crate::weights::{Stored, Vb};
+
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.tensor_shaped("weight", &[dim])?, eps: eps as f32 })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.tensor_shaped("weight", &[dim])?,
+            bias: vb.tensor_shaped("bias", &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Token embeddings, kept in their stored type (a quantized table is read row by row).
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    pub fn load(vb: &Vb, vocab: usize, dim: usize) -> Result<Self> {
+        let shape = vb.shape("weight")?;
+        if shape != [vocab, dim] {
+            return Err(crate::ModelError::Mismatch(format!(
+                "token embedding in {} has shape {shape:?}, expected [{vocab}, {dim}]",
+                vb.describe()
+            )));
+        }
+        Ok(match vb.load_stored("weight")? {
+            Stored::Dense(t) => Embedding::Dense(t),
+            Stored::Quantized(q) => Embedding::Quantized(Arc::new(q)),
+        })
+    }
+
+    /// `ids` is `[n]` (u32); the result is `[n, dim]`.
+    pub fn forward(&self, ids: &Tensor) -> CResult<Tensor> {
+        match self {
+            Embedding::Dense(w) => w.index_select(ids, 0),
+            Embedding::Quantized(q) => q.embedding(ids),
+        }
+    }
+
+    /// The same table used as the output projection (tied embeddings).
+    pub fn as_linear(&self) -> CResult<Linear> {
+        let weight = match self {
+            Embedding::Dense(w) => LinearWeight::Dense(w.clone()),
+            Embedding::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q.clone())?),
+        };
+        Ok(Linear::new(weight, None))
+    }
+
+    pub fn dim(&self) -> usize {
+        match self {
+            Embedding::Dense(w) => w.dim(D::Minus1).unwrap_or(0),
+            Embedding::Quantized(q) => q.shape().dims().last().copied().unwrap_or(0),
+        }
+    }
+}

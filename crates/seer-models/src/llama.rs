@@ -1,0 +1,362 @@
+//! The LLaMA decoder (LLaMA 2 and the many models built on it: Vicuna in LLaVA, Mistral,
+//! SmolLM): RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP.
+//!
+//! It takes input embeddings rather than token ids, so a vision-language model can splice
+//! image features into the sequence before calling it.
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::layers::{Embedding, RmsNorm};
+use crate::linear::Linear;
+use crate::weights::Vb;
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeStyle {
+    /// Dimension i with i + d/2 (Hugging Face's `rotate_half`).
+    Half,
+    /// Dimension 2i with 2i + 1. llama.cpp's converter permutes the Q and K rows of LLaMA
+    /// checkpoints so that this pairing gives the same result.
+    Interleaved,
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub rope_style: RopeStyle,
+}
+
+fn get_usize(v: &Value, key: &str) -> Option<usize> {
+    v.get(key)?.as_u64().map(|x| x as usize)
+}
+
+
+impl LlamaConfig {
+    /// From a Hugging Face `text_config` (or a plain LLaMA `config.json`). `outer` is the
+    /// enclosing config, where 2024-era checkpoints keep some fields.
+    pub fn from_hf(text: &Value, outer: &Value) -> Result<Self> {
+        // 2024 hub configs (llava-1.5-7b-hf) list only what differs from LlamaConfig's
+        // defaults, so the defaults are part of the format.
+        let get = |k: &str, default: usize| get_usize(text, k).unwrap_or(default);
+        let heads = get("num_attention_heads", 32);
+        let hidden = get("hidden_size", 4096);
+        let rope = text.get("rope_parameters").or_else(|| text.get("rope_scaling")).filter(|v| !v.is_null());
+        if let Some(kind) = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str) {
+            if kind != "default" {
+                return Err(ModelError::Config(format!("rope type `{kind}` is not supported yet")));
+            }
+        }
+        let rope_theta = rope
+            .and_then(|r| r.get("rope_theta"))
+            .or_else(|| text.get("rope_theta"))
+            .or_else(|| outer.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        Ok(LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: get("intermediate_size", 11008),
+            num_hidden_layers: get("num_hidden_layers", 32),
+            num_attention_heads: heads,
+            num_key_value_heads: get("num_key_value_heads", heads),
+            head_dim: get("head_dim", hidden / heads.max(1)),
+            vocab_size: get("vocab_size", 32000),
+            rms_norm_eps: text.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rope_theta,
+            max_position_embeddings: get("max_position_embeddings", 2048),
+            tie_word_embeddings: text
+                .get("tie_word_embeddings")
+                .or_else(|| outer.get("tie_word_embeddings"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            rope_style: RopeStyle::Half,
+        })
+    }
+
+    /// From the `llama.*` metadata of a GGUF file.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let arch = f.architecture()?.to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden = f.get_u32(&key("embedding_length"))? as usize;
+        let heads = f.get_u32(&key("attention.head_count"))? as usize;
+        let vocab = f.tensor_shape("token_embd.weight")?[0];
+        Ok(LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: f.get_u32(&key("feed_forward_length"))? as usize,
+            num_hidden_layers: f.get_u32(&key("block_count"))? as usize,
+            num_attention_heads: heads,
+            num_key_value_heads: f.opt_u32(&key("attention.head_count_kv")).map_or(heads, |x| x as usize),
+            head_dim: f.opt_u32(&key("attention.key_length")).map_or(hidden / heads, |x| x as usize),
+            vocab_size: vocab,
+            rms_norm_eps: f.opt_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f64,
+            rope_theta: f.opt_f32(&key("rope.freq_base")).unwrap_or(10000.0) as f64,
+            max_position_embeddings: f.opt_u32(&key("context_length")).map_or(4096, |x| x as usize),
+            tie_word_embeddings: !f.has_tensor("output.weight"),
+            rope_style: RopeStyle::Interleaved,
+        })
+    }
+}
+
+/// GGUF tensor names for the Hugging Face names the decoder asks for.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let simple = match hf {
+        "embed_tokens.weight" => Some("token_embd.weight"),
+        "norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = hf.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, param) = rest.rsplit_once('.')?;
+    let gguf = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{gguf}.{param}"))
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: &Vb, c: &LlamaConfig) -> Result<Self> {
+        let (h, q_out, kv_out) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        Ok(Attention {
+            q_proj: vb.pp("q_proj").linear_opt_bias(h, q_out)?,
+            k_proj: vb.pp("k_proj").linear_opt_bias(h, kv_out)?,
+            v_proj: vb.pp("v_proj").linear_opt_bias(h, kv_out)?,
+            o_proj: vb.pp("o_proj").linear(q_out, h, false)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    /// `x` is `[1, t, hidden]`; the cache holds the keys and values of earlier positions.
+    fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let pos = cache.len();
+        let q = rope.apply(&split(self.q_proj.forward(x)?, self.heads)?, pos)?;
+        let k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, pos)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let y = grouped_attention(&q, &k, &v, pos)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
+
+/// Causal attention where each group of query heads shares one key/value head.
+/// The query heads of a group are stacked along the sequence axis instead of copying the
+/// keys and values once per head. `q` is `[1, h, t, d]`, `k`/`v` are `[1, kvh, T, d]`
+/// with the `t` queries at positions `offset..offset + t` of the `T`.
+fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (_, kvh, total, _) = k.dims4()?;
+    let groups = h / kvh;
+    let q = q.reshape((b * kvh, groups * t, d))?;
+    let k = k.reshape((b * kvh, total, d))?;
+    let v = v.reshape((b * kvh, total, d))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = if t > 1 {
+        let mask = causal_mask(t, total, offset, groups, q.device())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v)?.reshape((b, h, t, d))
+}
+
+/// `[groups * t, total]`: 0 where query row may see the key, -inf where it may not.
+fn causal_mask(t: usize, total: usize, offset: usize, groups: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let row: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(row, (1, t, total), dev)?;
+    mask.repeat((groups, 1, 1))?.reshape((groups * t, total))
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: &Vb, c: &LlamaConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate_proj: vb.pp("gate_proj").linear(h, i, false)?,
+            up_proj: vb.pp("up_proj").linear(h, i, false)?,
+            down_proj: vb.pp("down_proj").linear(i, h, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: &Vb, c: &LlamaConfig) -> Result<Self> {
+        Ok(Block {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            self_attn: Attention::load(&vb.pp("self_attn"), c)?,
+            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            mlp: Mlp::load(&vb.pp("mlp"), c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache, layer)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// Rotary position embeddings: cos/sin tables computed once for every position.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    style: RopeStyle,
+}
+
+impl Rope {
+    fn new(c: &LlamaConfig) -> Result<Self> {
+        let half = c.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (c.rope_theta as f32).powf(2.0 * i as f32 / c.head_dim as f32))
+            .collect();
+        let n = c.max_position_embeddings;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &Device::Cpu)?;
+        let pos = Tensor::arange(0u32, n as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+        let freqs = pos.matmul(&inv_freq)?;
+        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()?, style: c.rope_style })
+    }
+
+    /// `x` is `[b, heads, t, d]` for positions `pos..pos + t`.
+    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        match self.style {
+            RopeStyle::Half => candle_nn::rotary_emb::rope(x, &cos, &sin),
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
+        }
+    }
+}
+
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    pub config: LlamaConfig,
+}
+
+impl Llama {
+    /// `vb` holds `embed_tokens`, `layers.*` and `norm`; `vb_head` holds `lm_head` (the two
+    /// sit under different prefixes in every checkpoint layout).
+    pub fn load(vb: &Vb, vb_head: &Vb, config: &LlamaConfig) -> Result<Self> {
+        let c = config;
+        let embed_tokens = Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| Block::load(&vb.pp("layers").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if vb_head.contains("lm_head.weight") && !c.tie_word_embeddings {
+            vb_head.pp("lm_head").linear(c.hidden_size, c.vocab_size, false)?
+        } else {
+            embed_tokens.as_linear()?
+        };
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
+            lm_head,
+            rope: Rope::new(c)?,
+            config: c.clone(),
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// `ids` → `[n, hidden]` embeddings.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        Ok(self.embed_tokens.forward(&ids)?)
+    }
+
+    /// Runs `embeds` (`[t, hidden]`) after what the cache holds and returns the logits of
+    /// the last position, `[vocab]`.
+    pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = embeds.dim(0)?;
+        if cache.len() + t > self.config.max_position_embeddings {
+            return Err(ModelError::Config(format!(
+                "sequence of {} positions exceeds the model's context of {}",
+                cache.len() + t,
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut x = embeds.unsqueeze(0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &self.rope, cache, i)?;
+        }
+        cache.advance(t);
+        let last = x.narrow(1, t - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.embed_tokens.dim()
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+}

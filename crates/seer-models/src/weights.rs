@@ -1,0 +1,271 @@
+//! The one seam through which every layer gets its weights.
+//!
+//! Model code asks a [`Vb`] for tensors by the names the Hugging Face configs use
+//! (`layers.0.self_attn.q_proj.weight`). A [`TensorSource`] answers: safetensors folders
+//! as they are, GGUF files through a name map to llama.cpp's names. Whether a weight is
+//! dense or quantized is decided here too, so model code never branches on the format.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::linear::{Linear, LinearWeight};
+
+/// A weight as stored: dense (upcast to f32) or in a ggml quantized type.
+pub enum Stored {
+    Dense(Tensor),
+    Quantized(QTensor),
+}
+
+pub trait TensorSource: Send + Sync {
+    /// Which file(s) this is, for error messages.
+    fn describe(&self) -> String;
+    fn contains(&self, name: &str) -> bool;
+    fn shape(&self, name: &str) -> Result<Vec<usize>>;
+    fn load(&self, name: &str) -> Result<Stored>;
+}
+
+/// A view of a [`TensorSource`] under a name prefix, like candle's `VarBuilder`.
+#[derive(Clone)]
+pub struct Vb {
+    src: Arc<dyn TensorSource>,
+    prefix: String,
+}
+
+impl Vb {
+    pub fn new(src: Arc<dyn TensorSource>) -> Self {
+        Vb { src, prefix: String::new() }
+    }
+
+    /// Descends one level: `vb.pp("layers").pp(3)` names `layers.3.*`.
+    pub fn pp(&self, part: impl std::fmt::Display) -> Vb {
+        let prefix = if self.prefix.is_empty() {
+            part.to_string()
+        } else {
+            format!("{}.{part}", self.prefix)
+        };
+        Vb { src: self.src.clone(), prefix }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.contains(&self.full(name))
+    }
+
+    pub fn describe(&self) -> String {
+        self.src.describe()
+    }
+
+    /// A tensor as f32, whatever it is stored as.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        match self.src.load(&self.full(name))? {
+            Stored::Dense(t) => Ok(t),
+            Stored::Quantized(q) => Ok(q.dequantize(&Device::Cpu)?),
+        }
+    }
+
+    /// Like [`Vb::tensor`] but checks the shape, so a mismatched checkpoint fails at load
+    /// with the tensor's name instead of deep inside a forward pass.
+    pub fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        if t.dims() != shape {
+            return Err(ModelError::Mismatch(format!(
+                "tensor `{}` in {} has shape {:?}, the config implies {:?}",
+                self.full(name),
+                self.describe(),
+                t.dims(),
+                shape
+            )));
+        }
+        Ok(t)
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.src.shape(&self.full(name))
+    }
+
+    /// The weight in its stored type, for layers that keep quantized tables as they are.
+    pub fn load_stored(&self, name: &str) -> Result<Stored> {
+        self.src.load(&self.full(name))
+    }
+
+    /// `{prefix}.weight` (shape `[out, in]`) and, if `bias`, `{prefix}.bias`.
+    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let name = self.full("weight");
+        let shape = self.src.shape(&name)?;
+        if shape != [out_dim, in_dim] {
+            return Err(ModelError::Mismatch(format!(
+                "tensor `{name}` in {} has shape {shape:?}, the config implies [{out_dim}, {in_dim}]",
+                self.describe()
+            )));
+        }
+        let weight = match self.src.load(&name)? {
+            Stored::Dense(t) => LinearWeight::Dense(t),
+            Stored::Quantized(q) => LinearWeight::quantized(q)?,
+        };
+        let bias = if bias { Some(self.tensor_shaped("bias", &[out_dim])?) } else { None };
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// A weight with an optional bias: present in some checkpoints, absent in others.
+    pub fn linear_opt_bias(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        self.linear(in_dim, out_dim, self.contains("bias"))
+    }
+}
+
+/// One or several `.safetensors` files, memory-mapped.
+pub struct SafetensorsSource {
+    files: Vec<PathBuf>,
+    st: MmapedSafetensors,
+}
+
+impl SafetensorsSource {
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        for f in files {
+            check_safetensors_header(f)?;
+        }
+        // SAFETY: the files are memory-mapped read-only; like every mmap-based loader we
+        // assume they are not modified while seer runs.
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| ModelError::Format {
+            path: files.first().cloned().unwrap_or_default(),
+            format: "safetensors",
+            detail: e.to_string(),
+        })?;
+        Ok(SafetensorsSource { files: files.to_vec(), st })
+    }
+}
+
+/// Reads the header length and checks the data it describes is all there, so a truncated
+/// download is reported as such (the safetensors crate only says the buffer is too small).
+fn check_safetensors_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let truncated = |detail: String| ModelError::Truncated { path: path.into(), detail };
+    let mut len_bytes = [0u8; 8];
+    f.read_exact(&mut len_bytes)
+        .map_err(|_| truncated(format!("{file_len} bytes, shorter than the 8-byte header length")))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100 << 20 {
+        return Err(ModelError::Format {
+            path: path.into(),
+            format: "safetensors",
+            detail: format!("header length {header_len} is implausible"),
+        });
+    }
+    if 8 + header_len > file_len {
+        return Err(truncated(format!("header needs {} bytes, file has {file_len}", 8 + header_len)));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(|e| ModelError::io(path, e))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| ModelError::Format {
+        path: path.into(),
+        format: "safetensors",
+        detail: format!("header is not JSON: {e}"),
+    })?;
+    let data_end = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if 8 + header_len + data_end > file_len {
+        return Err(truncated(format!(
+            "tensor data needs {} bytes, file has {file_len}",
+            8 + header_len + data_end
+        )));
+    }
+    Ok(())
+}
+
+impl TensorSource for SafetensorsSource {
+    fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!("{} ({} files)", many[0].parent().unwrap_or(Path::new(".")).display(), many.len()),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let view = self.st.get(name).map_err(|_| self.missing(name))?;
+        Ok(view.shape().to_vec())
+    }
+
+    fn load(&self, name: &str) -> Result<Stored> {
+        if !self.contains(name) {
+            return Err(self.missing(name));
+        }
+        let t = self.st.load(name, &Device::Cpu)?;
+        Ok(Stored::Dense(t.to_dtype(DType::F32)?))
+    }
+}
+
+impl SafetensorsSource {
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::MissingTensor { name: name.into(), source_desc: self.describe() }
+    }
+}
+
+/// Maps a Hugging Face style name to the GGUF tensor name, or `None` if the GGUF
+/// layout has no such tensor.
+pub type NameMap = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// A GGUF file seen through a name map.
+pub struct GgufSource {
+    file: Arc<GgufFile>,
+    map: NameMap,
+}
+
+impl GgufSource {
+    pub fn new(file: Arc<GgufFile>, map: NameMap) -> Self {
+        GgufSource { file, map }
+    }
+
+    fn gguf_name(&self, name: &str) -> Result<String> {
+        (self.map)(name)
+            .filter(|n| self.file.has_tensor(n))
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: (self.map)(name).unwrap_or_else(|| name.to_string()),
+                source_desc: self.describe(),
+            })
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn describe(&self) -> String {
+        self.file.path().display().to_string()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.gguf_name(name).is_ok()
+    }
+
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.file.tensor_shape(&self.gguf_name(name)?)
+    }
+
+    fn load(&self, name: &str) -> Result<Stored> {
+        let gname = self.gguf_name(name)?;
+        match self.file.tensor_dtype(&gname)? {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Stored::Dense(self.file.tensor(&gname)?)),
+            _ => Ok(Stored::Quantized(self.file.qtensor(&gname)?)),
+        }
+    }
+}
