@@ -75,12 +75,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the outermost context and every cause after it.
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes the message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }
 
 fn set_threads(threads: Option<usize>) {
@@ -122,7 +136,9 @@ fn run(args: RunArgs) -> Result<()> {
         }
         true
     };
-    let gen = vlm.generate(&req, &ImageLimits::default(), &mut on_text)?;
+    // A local user may fetch images from their own network; the server refuses that by default.
+    let limits = ImageLimits { allow_private_urls: true, ..ImageLimits::default() };
+    let gen = vlm.generate(&req, &limits, &mut on_text)?;
     if args.json {
         let timings = &gen.timings;
         let out = serde_json::json!({

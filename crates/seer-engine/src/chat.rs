@@ -90,7 +90,7 @@ struct TemplateMessage {
     content: TemplateContent,
 }
 
-fn to_template(m: &Message, images: &ImageParts) -> TemplateMessage {
+fn to_template(m: &Message, images: &ImageParts, typed_text: bool) -> TemplateMessage {
     let content = match images {
         ImageParts::Structured => TemplateContent::Parts(
             m.parts
@@ -108,7 +108,11 @@ fn to_template(m: &Message, images: &ImageParts) -> TemplateMessage {
                     s.push_str(t);
                 }
             }
-            TemplateContent::Text(s)
+            if typed_text {
+                TemplateContent::Parts(vec![TemplatePart { kind: "text", text: Some(s) }])
+            } else {
+                TemplateContent::Text(s)
+            }
         }
     };
     TemplateMessage { role: m.role, content }
@@ -118,6 +122,9 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     pub bos_token: String,
     pub eos_token: String,
+    /// The template ignores string `content` and only reads `{"type": "text"}` parts
+    /// (llava-hf's does); folded text is then passed as one text part, as llama.cpp does.
+    typed_text: bool,
 }
 
 impl ChatTemplate {
@@ -130,11 +137,15 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", strip_generation_tags(source))
             .map_err(|e| EngineError::Template(format!("the chat template does not parse: {e}")))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        let mut t = ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into(), typed_text: false };
+        let probe = "seer-probe-7f3a";
+        let rendered = t.render(&[Message::text(Role::User, probe)], &ImageParts::MarkerFirst(String::new()), false);
+        t.typed_text = !rendered.is_ok_and(|s| s.contains(probe));
+        Ok(t)
     }
 
     pub fn render(&self, messages: &[Message], images: &ImageParts, add_generation_prompt: bool) -> Result<String> {
-        let msgs: Vec<TemplateMessage> = messages.iter().map(|m| to_template(m, images)).collect();
+        let msgs: Vec<TemplateMessage> = messages.iter().map(|m| to_template(m, images, self.typed_text)).collect();
         let tmpl = self.env.get_template("chat").expect("added in new()");
         tmpl.render(minijinja::context! {
             messages => msgs,
@@ -181,6 +192,14 @@ mod tests {
         let msg = Message::user_with_images("hi", vec![ImageInput::Path("a.png".into()), ImageInput::Path("b.png".into())]);
         let s = t.render(&[msg], &ImageParts::MarkerFirst("<M>".into()), false).unwrap();
         assert_eq!(s, "[user]<M><M>hi");
+    }
+
+    #[test]
+    fn folded_text_becomes_a_text_part_when_the_template_needs_one() {
+        let src = "{% for m in messages %}{% for c in m.content | selectattr('type', 'equalto', 'text') %}{{ c.text }}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let msg = Message::user_with_images("hi", vec![ImageInput::Path("a.png".into())]);
+        assert_eq!(t.render(&[msg], &ImageParts::MarkerFirst("<M>".into()), false).unwrap(), "<M>hi");
     }
 
     #[test]

@@ -7,9 +7,10 @@ use seer_vision::VisionError;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// An image that cannot be read, fetched or decoded.
-    #[error("image {index}: {source}")]
-    Image { index: usize, source: VisionError },
-    #[error("{0}")]
+    /// `index` counts from 0; `what` names the image as the caller gave it.
+    #[error("image {} ({what}): {error}", index + 1)]
+    Image { index: usize, what: String, error: VisionError },
+    #[error(transparent)]
     Model(#[from] ModelError),
     #[error("prompt of {prompt_tokens} tokens ({image_tokens} of them for images) does not fit the context of {context} tokens")]
     ContextOverflow { prompt_tokens: usize, image_tokens: usize, context: usize },

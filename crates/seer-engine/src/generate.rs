@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use seer_vision::{load_image, ImageLimits};
+use seer_vision::{load_image, ImageInput, ImageLimits};
 use serde::Serialize;
 
 use crate::chat::Message;
@@ -68,6 +68,17 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
+}
+
+/// An image as the user gave it, short enough for an error message.
+fn describe(input: &ImageInput) -> String {
+    match input {
+        ImageInput::Path(p) => p.display().to_string(),
+        ImageInput::Url(u) => u.chars().take(200).collect(),
+        ImageInput::Base64(b) if b.starts_with("data:") => format!("data URL of {} bytes", b.len()),
+        ImageInput::Base64(b) => format!("base64 of {} bytes", b.len()),
+        ImageInput::Bytes(b) => format!("{} bytes", b.len()),
+    }
 }
 
 fn ms(since: Instant) -> f64 {
@@ -158,7 +169,7 @@ impl Vlm {
             .flat_map(|m| m.images())
             .enumerate()
             .map(|(index, input)| {
-                let img = load_image(input, limits).map_err(|source| EngineError::Image { index, source })?;
+                let img = load_image(input, limits).map_err(|error| EngineError::Image { index, what: describe(input), error })?;
                 Ok(self.preprocess.apply(&img))
             })
             .collect::<Result<Vec<_>>>()?;

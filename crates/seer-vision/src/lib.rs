@@ -1,1 +1,16 @@
+//! Image input and preprocessing for seer's vision-language models.
+//!
+//! * [`input`]: load an image from a path, an http(s) URL, base64 / a data
+//!   URL or bytes, as RGB8, within size and network limits ([`ImageLimits`]).
+//! * [`clip`]: CLIP-style preprocessing matching transformers'
+//!   `CLIPImageProcessorPil` or llama.cpp's mtmd LLaVA path, pixel for pixel.
+//! * [`resample`]: the Pillow-compatible resizer both of those rely on.
 
+mod fetch;
+
+pub mod clip;
+pub mod input;
+pub mod resample;
+
+pub use fetch::is_public_address;
+pub use input::*;
