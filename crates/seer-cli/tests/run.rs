@@ -1,0 +1,76 @@
+//! `seer run` as a user calls it: streamed text, `--json`, and one-line errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llava")
+}
+
+fn seer(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_seer")).args(args).current_dir(fixtures()).output().expect("seer runs")
+}
+
+fn reference(case: &str) -> Value {
+    let path = fixtures().join("cases/tiny-llava-hub").join(format!("{case}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+const SQUARE: [&str; 8] = ["run", "--model", "tiny-llava-hub", "--image", "images/square-64x64.png", "--prompt", "What is in this image?", "--ignore-eos"];
+
+#[test]
+fn streams_the_greedy_answer() {
+    let mut args = SQUARE.to_vec();
+    args.extend(["--max-tokens", "16"]);
+    let out = seer(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = reference("a_square")["greedy_text"].as_str().unwrap().to_string();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), want + "\n");
+}
+
+#[test]
+fn json_reports_ids_usage_and_timings() {
+    let mut args = SQUARE.to_vec();
+    args.extend(["--max-tokens", "16", "--json"]);
+    let out = seer(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let case = reference("a_square");
+    assert_eq!(v["token_ids"], case["greedy_tokens"]);
+    assert_eq!(v["text"], case["greedy_text"]);
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["usage"]["image_tokens"], 16);
+    assert_eq!(v["usage"]["prompt_tokens"], case["input_ids"].as_array().unwrap().len());
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    for key in ["load_ms", "image_encode_ms", "prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(v["timings"][key].as_f64().is_some_and(|x| x > 0.0), "timings.{key} = {}", v["timings"][key]);
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let mut args = SQUARE.to_vec();
+    args.extend(["--max-tokens", "8", "--json", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "40", "--seed", "11"]);
+    let a: Value = serde_json::from_slice(&seer(&args).stdout).unwrap();
+    let b: Value = serde_json::from_slice(&seer(&args).stdout).unwrap();
+    assert_eq!(a["token_ids"], b["token_ids"]);
+    assert_eq!(a["token_ids"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn errors_are_one_line_and_exit_nonzero() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["run", "--model", "no-such-model", "--prompt", "hi"], "no-such-model"),
+        (&["run", "--model", "tiny-llava-hub", "--image", "README.md", "--prompt", "hi"], "README.md"),
+        (&["run", "--model", "gguf/tiny-llava-Q8_0.gguf", "--prompt", "hi"], "--mmproj"),
+    ];
+    for (args, names) in cases {
+        let out = seer(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && err.contains(names), "{args:?}: {err}");
+    }
+}
