@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use seer_vision::{load_image, ImageInput, ImageLimits};
+use seer_vision::{load_image_with, ImageInput, ImageLimits};
 use serde::Serialize;
 
 use crate::chat::Message;
@@ -169,7 +169,7 @@ impl Vlm {
             .flat_map(|m| m.images())
             .enumerate()
             .map(|(index, input)| {
-                let img = load_image(input, limits).map_err(|error| EngineError::Image { index, what: describe(input), error })?;
+                let img = load_image_with(input, limits, self.preprocess.alpha_mode()).map_err(|error| EngineError::Image { index, what: describe(input), error })?;
                 Ok(self.preprocess.apply(&img))
             })
             .collect::<Result<Vec<_>>>()?;

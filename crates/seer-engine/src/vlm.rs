@@ -31,6 +31,14 @@ pub enum Preprocess {
 }
 
 impl Preprocess {
+    /// What happens to transparency: HF processors composite onto white, llama.cpp drops it.
+    pub fn alpha_mode(&self) -> seer_vision::AlphaMode {
+        match self {
+            Preprocess::Hf(_) => seer_vision::AlphaMode::OverWhite,
+            Preprocess::LlamaCppLlava { .. } => seer_vision::AlphaMode::Drop,
+        }
+    }
+
     pub fn apply(&self, img: &image::RgbImage) -> Pixels {
         match self {
             Preprocess::Hf(cfg) => seer_vision::clip::preprocess_hf(img, cfg),

@@ -72,9 +72,28 @@ enum SizeJson {
     },
 }
 
+impl SizeJson {
+    fn has_zero(&self) -> bool {
+        match self {
+            SizeJson::Int(n) => *n == 0,
+            SizeJson::Dict {
+                shortest_edge,
+                longest_edge,
+                height,
+                width,
+            } => [shortest_edge, longest_edge, height, width]
+                .iter()
+                .any(|v| **v == Some(0)),
+        }
+    }
+}
+
 impl TryFrom<SizeJson> for ResizeTarget {
     type Error = String;
     fn try_from(json: SizeJson) -> Result<Self, String> {
+        if json.has_zero() {
+            return Err("size must not be zero".into());
+        }
         // CLIP resizes with default_to_square=False, so a bare int is the shortest edge.
         match json {
             SizeJson::Int(n) => Ok(ResizeTarget::ShortestEdge(n)),
@@ -101,6 +120,9 @@ impl TryFrom<SizeJson> for ResizeTarget {
 impl TryFrom<SizeJson> for CropSize {
     type Error = String;
     fn try_from(json: SizeJson) -> Result<Self, String> {
+        if json.has_zero() {
+            return Err("crop_size must not be zero".into());
+        }
         match json {
             SizeJson::Int(n) => Ok(CropSize {
                 height: n,
@@ -386,7 +408,7 @@ pub fn llamacpp_llava_letterbox(img: &RgbImage, image_size: u32) -> RgbImage {
 /// projector: [`llamacpp_llava_letterbox`], then `x / 255` and
 /// `(x - mean) / std`, all in f32 like `clip_image_f32::normalize`.
 /// llama.cpp keeps pixels interleaved (HWC); this returns CHW like every
-/// [`Pixels`].
+/// [`Pixels`]. Panics if `image_size` is zero.
 pub fn preprocess_llamacpp_llava(
     img: &RgbImage,
     image_size: usize,

@@ -183,7 +183,8 @@ fn to_fixed_point(raw: &[f64]) -> Vec<i32> {
         .collect()
 }
 
-/// Weighted sum of `count` samples `stride` bytes apart, rounded and clamped to u8.
+/// Weighted sum of samples `stride` bytes apart (one per weight), rounded and
+/// clamped to u8.
 fn convolve(src: &[u8], start: usize, stride: usize, weights: &[i32]) -> u8 {
     // Start at one half so the final shift rounds to nearest.
     let mut acc: i64 = 1 << (PRECISION_BITS - 1);

@@ -301,6 +301,7 @@ fn config_errors_say_what_is_wrong() {
     let cases = [
         (json!({"resample": 0}), "resample 0"),
         (json!({"size": {"longest_edge": 300}}), "size must be"),
+        (json!({"crop_size": 0}), "must not be zero"),
         (json!({"image_mean": [0.5, 0.5]}), "list of three"),
         (json!([1, 2]), "not a JSON object"),
     ];
