@@ -57,29 +57,23 @@ impl LlavaConfig {
     }
 }
 
-/// The weight-name prefixes of one checkpoint layout.
-struct Layout {
-    text: &'static str,
-    lm_head: &'static str,
-    vision: &'static str,
-    projector: &'static str,
-}
+/// Where each part's weights live. Checkpoints disagree: the hub's 2024 files use
+/// `language_model.model.*` and `vision_tower.vision_model.*`, transformers 5 writes
+/// `vision_tower.*` or `model.language_model.*` depending on the version. Each part is
+/// found by probing for one tensor it must have.
+const TEXT_PREFIXES: [&str; 2] = ["language_model.model", "model.language_model"];
+const LM_HEAD_PREFIXES: [&str; 2] = ["language_model", ""];
+const VISION_PREFIXES: [&str; 4] =
+    ["vision_tower.vision_model", "vision_tower", "model.vision_tower.vision_model", "model.vision_tower"];
+const PROJECTOR_PREFIXES: [&str; 2] = ["multi_modal_projector", "model.multi_modal_projector"];
 
-/// The hub's 2024 layout and the one transformers 5 writes.
-const LAYOUTS: [Layout; 2] = [
-    Layout {
-        text: "language_model.model",
-        lm_head: "language_model",
-        vision: "vision_tower.vision_model",
-        projector: "multi_modal_projector",
-    },
-    Layout {
-        text: "model.language_model",
-        lm_head: "",
-        vision: "model.vision_tower.vision_model",
-        projector: "model.multi_modal_projector",
-    },
-];
+fn find_prefix(src: &dyn TensorSource, prefixes: &[&'static str], probe: &str) -> Result<&'static str> {
+    let join = |p: &str| if p.is_empty() { probe.to_string() } else { format!("{p}.{probe}") };
+    prefixes.iter().copied().find(|p| src.contains(&join(p))).ok_or_else(|| ModelError::MissingTensor {
+        name: prefixes.iter().map(|p| join(p)).collect::<Vec<_>>().join(" or "),
+        source_desc: src.describe(),
+    })
+}
 
 struct Projector {
     linear_1: Linear,
@@ -120,19 +114,17 @@ impl Llava {
     /// From a Hugging Face folder whose `config.json` has been parsed into `config`.
     pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value) -> Result<Self> {
         let c = LlavaConfig::from_hf(config)?;
-        let layout = LAYOUTS
-            .iter()
-            .find(|l| src.contains(&format!("{}.embed_tokens.weight", l.text)))
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: "language_model.model.embed_tokens.weight (or model.language_model.embed_tokens.weight)".into(),
-                source_desc: src.describe(),
-            })?;
+        let text = find_prefix(&*src, &TEXT_PREFIXES, "embed_tokens.weight")?;
+        let vision = find_prefix(&*src, &VISION_PREFIXES, "embeddings.patch_embedding.weight")?;
+        let projector = find_prefix(&*src, &PROJECTOR_PREFIXES, "linear_1.weight")?;
+        // No lm_head at all means tied embeddings: any prefix will do.
+        let lm_head = find_prefix(&*src, &LM_HEAD_PREFIXES, "lm_head.weight").unwrap_or("");
         let root = Vb::new(src);
         let at = |prefix: &str| if prefix.is_empty() { root.clone() } else { root.pp(prefix) };
         Ok(Llava {
-            vision_tower: ClipVisionTransformer::load(&at(layout.vision), &c.vision)?,
-            projector: Projector::load(&at(layout.projector), &c)?,
-            language_model: Llama::load(&at(layout.text), &at(layout.lm_head), &c.text)?,
+            vision_tower: ClipVisionTransformer::load(&at(vision), &c.vision)?,
+            projector: Projector::load(&at(projector), &c)?,
+            language_model: Llama::load(&at(text), &at(lm_head), &c.text)?,
             config: c,
         })
     }
