@@ -11,7 +11,10 @@ What it builds (all deterministic; re-running rewrites the same files):
                           transformers reference per folder: prompt, input_ids, 16 greedy tokens,
                           first-step logits; computed by loading THAT folder back in float32
   gguf/                   the same model converted with llama.cpp's tools (text F16 + Q8_0,
-                          legacy LLaVA mmproj F16) and llama-mtmd-cli greedy outputs
+                          legacy LLaVA mmproj F16) and llama-mtmd-cli greedy outputs; text-only
+                          llama-completion outputs (llamacpp-text-*); llamacpp-fixes.patch (CLS order and
+                          layer count of llama.cpp's LLaVA vision graph) and the greedy outputs of a
+                          llama-mtmd-cli built with it (llamacpp-fixed-*)
   README.md               what is there and how it was made
 
 The tokenizer is the real Llama-2 SentencePiece vocabulary from llama.cpp's
@@ -26,10 +29,15 @@ sdist source and its tools built in $BENCH_DIR/build/bin):
     ~/.cache/seer-bench/venv/bin/python scripts/make_llava_fixtures.py --steps cases   # only some steps
 
 Steps: images, hf (tokenizer + both checkpoint folders), cases (transformers references),
-gguf (conversion + quantization), llamacpp (llama-mtmd-cli references), readme (README.md).
+gguf (conversion + quantization), llamacpp (llama-mtmd-cli references), llamacpp-text (text-only
+references from llama-completion, built in $BENCH_DIR/build if missing), llamacpp-fixed (copies the
+llama.cpp source to $BENCH_DIR/src-fixed/llama.cpp, applies gguf/llamacpp-fixes.patch, builds
+llama-mtmd-cli in $BENCH_DIR/build-fixed, runs it), readme (README.md).
 Environment: BENCH_DIR (default ~/.cache/seer-bench), SEER_SHARED_BENCH (default
-/work/shared/bench: convert_with_vocab.py, legacy_llava_mmproj.py, bench_paths.py).
-Runs on CPU with 2 threads; takes about a minute.
+/work/shared/bench: convert_with_vocab.py, legacy_llava_mmproj.py, bench_paths.py), JOBS (build
+parallelism, default 2).
+Runs on CPU with 2 threads; takes about a minute, plus about 15 minutes on 2 cores the first time
+llamacpp-fixed builds its llama-mtmd-cli.
 """
 import argparse
 import glob
@@ -848,18 +856,16 @@ def gguf_module():
     return gguf
 
 
-def hf_with_gguf_weights(hf, path: Path):
-    """A copy of the (float32) hub model whose text weights are those of the GGUF at `path`, dequantized to
-    float32, with convert_hf_to_gguf's Q/K row permutation undone.  Returns (model, max |gguf - hub|)."""
-    import copy
+def gguf_text_weights_vs_hub(hf, path: Path):
+    """max |w_gguf - w_hub| over the text weights: the GGUF's tensors dequantized to float32 (convert_hf_to_gguf's
+    Q/K row permutation undone) against the hub folder's (f16 values, loaded in float32)."""
     gguf = gguf_module()
     from gguf.quants import dequantize
     names = {"token_embd": "embed_tokens", "output_norm": "norm", "attn_q": "self_attn.q_proj",
              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    m = copy.deepcopy(hf)
-    params = dict(m.named_parameters())
+    params = dict(hf.named_parameters())
     max_diff = 0.0
     for t in gguf.GGUFReader(str(path)).tensors:
         a = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
@@ -872,14 +878,12 @@ def hf_with_gguf_weights(hf, path: Path):
             hname = f"model.language_model.{names[parts[0]]}.weight"
         if parts[-2] in ("attn_q", "attn_k"):  # undo the converter's rope permutation of the rows
             nh = TEXT["num_attention_heads"] if parts[-2] == "attn_q" else TEXT["num_key_value_heads"]
-            rows = a.shape[0]
-            a = a.reshape(nh, rows // nh // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
-        p = params[hname]
+            a = a.reshape(nh, a.shape[0] // nh // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        p = params.pop(hname)
         assert tuple(p.shape) == tuple(a.shape), (t.name, hname, p.shape, a.shape)
         max_diff = max(max_diff, float((p.detach() - a).abs().max()))
-        with torch.no_grad():
-            p.copy_(a)
-    return m.eval(), max_diff
+    assert not [k for k in params if k.startswith("model.language_model.")], "text weights missing in the GGUF"
+    return max_diff
 
 
 def completion_cli():
@@ -908,42 +912,53 @@ def agreeing(tok, gen, toks):
     return max(k for k in range(len(toks) + 1) if gen.startswith(llamacpp_piece_text(tok, toks[:k])))
 
 
-def llamacpp_choice_at(tok, model, inputs, toks, k, gen, top=20):
-    """At step k, the first one where llama.cpp's text leaves the greedy tokens `toks`: the candidates among the
-    top `top` logits there whose piece continues llama.cpp's text, as [rank (0 = top-1), id, piece, gap to the
-    top-1 logit].  The logits come from one forward pass over the prompt + toks[:k] (no KV cache)."""
-    rest = gen[len(llamacpp_piece_text(tok, toks[:k])):]
-    extra = torch.tensor([toks[:k]], dtype=torch.long).reshape(1, k)
+def follow_llamacpp(tok, model, inputs, gen, top=20):
+    """Walk llama.cpp's printed text `gen` with `model`: at each of the 16 steps take the top-1 token if its
+    piece continues the text, else the best-ranked of the top `top` whose piece does (an empty piece, e.g. an
+    unused [PADnnnnn] row, continues any text).  Returns (tokens, deviations [step, rank (0 = top-1), id, piece,
+    top-1 logit - its logit], complete).  Logits from a full forward pass per step (no KV cache); EOS masked."""
+    toks, devs = [], []
     with torch.no_grad():
-        if inputs.get("inputs_embeds") is not None:
-            kw = {"inputs_embeds": torch.cat([inputs["inputs_embeds"], model.get_input_embeddings()(extra)], 1)}
-        else:
-            kw = {"input_ids": torch.cat([inputs["input_ids"], extra], 1)}
-            if inputs.get("pixel_values") is not None:
-                kw["pixel_values"] = inputs["pixel_values"]
-        n = next(iter(kw.values())).shape[1]
-        logits = model(**kw, attention_mask=torch.ones((1, n), dtype=torch.long)).logits[0, -1].clone()
-    logits[EOS_ID] = -float("inf")
-    vals, idx = torch.topk(logits, top)
-    out = []
-    for rank, (v, i) in enumerate(zip(vals.tolist(), idx.tolist())):
-        piece = llamacpp_piece_text(tok, [i])
-        if piece and rest.startswith(piece):
-            out.append([rank, i, piece, vals[0].item() - v])
-    return out
+        for step in range(N_NEW_TOKENS):
+            rest = gen[len(llamacpp_piece_text(tok, toks)):]
+            extra = torch.tensor([toks], dtype=torch.long).reshape(1, len(toks))
+            if inputs.get("inputs_embeds") is not None:
+                kw = {"inputs_embeds": torch.cat([inputs["inputs_embeds"], model.get_input_embeddings()(extra)], 1)}
+            else:
+                kw = {"input_ids": torch.cat([inputs["input_ids"], extra], 1)}
+                if inputs.get("pixel_values") is not None:
+                    kw["pixel_values"] = inputs["pixel_values"]
+            n = next(iter(kw.values())).shape[1]
+            logits = model(**kw, attention_mask=torch.ones((1, n), dtype=torch.long)).logits[0, -1].clone()
+            logits[EOS_ID] = -float("inf")
+            vals, idx = torch.topk(logits, top)
+            for rank, (v, i) in enumerate(zip(vals.tolist(), idx.tolist())):
+                piece = llamacpp_piece_text(tok, [i])
+                if rest.startswith(piece):
+                    toks.append(i)
+                    if rank:
+                        devs.append([step, rank, i, piece, vals[0].item() - v])
+                    break
+            else:
+                return toks, devs, False
+    return toks, devs, llamacpp_piece_text(tok, toks) == gen
 
 
 def greedy_record(prefix, tok, model, inputs, gen, note):
-    """Greedy tokens of `model` on `inputs` and how far llama.cpp's printed text `gen` follows them."""
+    """Greedy tokens of `model` on `inputs` and how far llama.cpp's printed text `gen` follows them; where it
+    leaves them, the tokens llama.cpp must have taken instead (follow_llamacpp)."""
     toks, mg, _ = greedy(model, inputs, N_NEW_TOKENS, torch.float32)
     text = llamacpp_piece_text(tok, toks)
     k = agreeing(tok, gen, toks)
-    return {f"{prefix}_greedy_tokens": toks, f"{prefix}_text": text, f"{prefix}_text_equal": text == gen,
-            f"{prefix}_tokens_agreeing": k,
-            f"{prefix}_margin_at_first_difference": mg[k] if k < N_NEW_TOKENS else None,
-            f"{prefix}_llamacpp_choice_at_first_difference":
-                llamacpp_choice_at(tok, model, inputs, toks, k, gen) if k < N_NEW_TOKENS else None,
-            f"{prefix}_min_margin": min(mg), f"{prefix}_margins": mg, f"{prefix}_note": note}
+    rec = {f"{prefix}_greedy_tokens": toks, f"{prefix}_text": text, f"{prefix}_text_equal": text == gen,
+           f"{prefix}_tokens_agreeing": k,
+           f"{prefix}_margin_at_first_difference": mg[k] if k < N_NEW_TOKENS else None,
+           f"{prefix}_min_margin": min(mg), f"{prefix}_margins": mg, f"{prefix}_note": note}
+    if text != gen:
+        ftoks, devs, complete = follow_llamacpp(tok, model, inputs, gen)
+        rec.update({f"{prefix}_follow_llamacpp_tokens": ftoks, f"{prefix}_follow_llamacpp_deviations": devs,
+                    f"{prefix}_follow_llamacpp_complete": complete})
+    return rec
 
 
 def make_llamacpp_text():
@@ -961,7 +976,7 @@ def make_llamacpp_text():
         return subprocess.run(cmd, cwd=FIX, capture_output=True, text=True)
 
     for quant, model in QUANTS:
-        hg, gguf_diff = hf_with_gguf_weights(hf, model)
+        gguf_diff = gguf_text_weights_vs_hub(hf, model)
         for case, messages in TEXT_CASES.items():
             sys_msg = [m for m in messages if m["role"] == "system"]
             user = case_prompt_text([m for m in messages if m["role"] != "system"])
@@ -1001,23 +1016,18 @@ def make_llamacpp_text():
             rec.update(greedy_record("hf_same_prompt", tok, hf, inp, gen,
                                      "transformers, tiny-llava-hub in float32 (f16 weights), given prompt_token_ids; "
                                      "text = pieces as llama.cpp prints them; margins = top1 - top2 per step"))
-            rec["gguf_weights_max_abs_diff_vs_hub"] = gguf_diff
-            if gguf_diff > 0:
-                rec.update(greedy_record("hf_gguf_weights", tok, hg, inp, gen,
-                                         f"as hf_same_prompt, with the text weights of {model.name} dequantized to "
-                                         "float32 (llama.cpp also quantizes the activations to Q8_0 in its "
-                                         "matrix products, which this does not)"))
-            inferred = None
-            for k in ("hf_same_prompt", "hf_gguf_weights"):
-                if rec.get(f"{k}_text_equal"):
-                    inferred = rec[f"{k}_greedy_tokens"]
-                    break
-            rec["sampled_ids_inferred"] = inferred
-            rec["sampled_ids_inferred_note"] = ("the greedy tokens of hf_same_prompt (else hf_gguf_weights) where "
-                                                "their text equals generated_text, else null")
+            rec["gguf_text_weights_max_abs_diff_vs_hub"] = gguf_diff
+            rec["gguf_text_weights_max_abs_diff_vs_hub_note"] = (
+                "max |w| difference between this GGUF's text weights dequantized to float32 and tiny-llava-hub's: "
+                "0 for F16 (the same f16 values), the Q8_0 rounding otherwise")
+            rec["sampled_ids_inferred"] = (rec["hf_same_prompt_greedy_tokens"] if rec["hf_same_prompt_text_equal"]
+                                           else rec["hf_same_prompt_follow_llamacpp_tokens"]
+                                           if rec["hf_same_prompt_follow_llamacpp_complete"] else None)
+            rec["sampled_ids_inferred_note"] = ("hf_same_prompt_greedy_tokens where their text equals generated_text, "
+                                                "else hf_same_prompt_follow_llamacpp_tokens where complete, else null")
             dump_json(GGUF_DIR / f"llamacpp-text-{quant}-{case}.json", rec)
             results[f"{quant}/{case}"] = {"text": gen, "hf_same_prompt_equal": rec["hf_same_prompt_text_equal"],
-                                          "hf_gguf_weights_equal": rec.get("hf_gguf_weights_text_equal")}
+                                          "deviations": rec.get("hf_same_prompt_follow_llamacpp_deviations")}
             log(f"llama.cpp text {quant} {case}: {gen!r} (HF same prompt equal: {rec['hf_same_prompt_text_equal']}, "
                 f"{rec['hf_same_prompt_tokens_agreeing']}/{N_NEW_TOKENS})")
     return results
@@ -1065,7 +1075,6 @@ def make_llamacpp_fixed():
         return subprocess.run(cmd, cwd=FIX, capture_output=True, text=True)
 
     for quant, model in QUANTS:
-        hg, gguf_diff = hf_with_gguf_weights(hf, model)
         for case in LLAMACPP_CASES:
             messages = CASES[case]
             prompt = case_prompt_text(messages)
@@ -1085,8 +1094,8 @@ def make_llamacpp_fixed():
             px = torch.stack([llamacpp_style_pixels(ip) for ip in images])
             mask = torch.ones((1, len(ids)), dtype=torch.long)
             with torch.no_grad():
-                embeds = hg.get_input_embeddings()(torch.tensor([ids])).clone()
-                embeds[0, torch.tensor(ids) == IMAGE_ID] = llamacpp_image_features(hg, px, fixed=True)
+                embeds = hf.get_input_embeddings()(torch.tensor([ids])).clone()
+                embeds[0, torch.tensor(ids) == IMAGE_ID] = llamacpp_image_features(hf, px, fixed=True)
             unpatched = json.load(open(GGUF_DIR / f"llamacpp-{quant}-{case}.json"))["runs"]["jinja"]["generated_text"]
             rec = {"llama_cpp": f"{LLAMA_CPP_COMMIT} + gguf/llamacpp-fixes.patch (CLS first, all stored vision "
                                 "blocks run)",
@@ -1117,18 +1126,20 @@ def make_llamacpp_fixed():
                 "prompt_token_ids and an emulation of llama.cpp's image preprocessing (pad to square with "
                 "(122,116,104), bicubic to 56x56); text = pieces as llama.cpp prints them; margins = top1 - top2"))
             rec.update(greedy_record(
-                "fixed_emulation", tok, hg, {"inputs_embeds": embeds, "attention_mask": mask}, gen,
-                "as hf_same_prompt, with what remains different in the patched llama.cpp: the projector's tanh gelu "
-                f"(ggml_gelu) and the text weights of {model.name} dequantized to float32 (max |diff| to the hub "
-                f"weights {gguf_diff:.3g}); see llamacpp_image_features(fixed=True)"))
-            inferred = None
+                "fixed_emulation", tok, hf, {"inputs_embeds": embeds, "attention_mask": mask}, gen,
+                "as hf_same_prompt, with the one semantic difference left in the patched llama.cpp: the projector's "
+                "gelu is ggml_gelu (tanh approximation) instead of the exact one; see "
+                "llamacpp_image_features(fixed=True)"))
             for k in ("hf_same_prompt", "fixed_emulation"):
-                if rec[f"{k}_text_equal"]:
-                    inferred = rec[f"{k}_greedy_tokens"]
+                if rec[f"{k}_text_equal"] or rec.get(f"{k}_follow_llamacpp_complete"):
+                    rec["sampled_ids_inferred"] = rec[f"{k}_greedy_tokens" if rec[f"{k}_text_equal"]
+                                                      else f"{k}_follow_llamacpp_tokens"]
                     break
-            rec["sampled_ids_inferred"] = inferred
-            rec["sampled_ids_inferred_note"] = ("the greedy tokens of hf_same_prompt (else fixed_emulation) where "
-                                                "their text equals generated_text, else null")
+            else:
+                rec["sampled_ids_inferred"] = None
+            rec["sampled_ids_inferred_note"] = ("greedy tokens whose text equals generated_text, else the "
+                                                "follow_llamacpp tokens where complete (hf_same_prompt first, then "
+                                                "fixed_emulation), else null")
             dump_json(GGUF_DIR / f"llamacpp-fixed-{quant}-{case}.json", rec)
             results[f"{quant}/{case}"] = {"text": gen, "hf_same_prompt_equal": rec["hf_same_prompt_text_equal"],
                                           "fixed_emulation_equal": rec["fixed_emulation_text_equal"]}
@@ -1149,6 +1160,175 @@ def file_table():
     total = sum(f.stat().st_size for f in FIX.rglob("*") if f.is_file() and f.name != "README.md")
     rows.append(f"| total (without this README) | {total:,} |")
     return "\n".join(rows)
+
+
+def fmt_devs(devs):
+    """follow_llamacpp deviations as README text."""
+    if not devs:
+        return "none"
+    def what(i, pc):
+        return json.dumps(pc, ensure_ascii=False) if pc else f"[PAD{i}], prints nothing"
+    return "; ".join(f"new token {st + 1}: rank {rk + 1} ({what(i, pc)}), {gap:.3g} below the top-1"
+                     for st, rk, i, pc, gap in devs)
+
+
+def deviation_summary(recs):
+    """One README paragraph: per quant, whether llama.cpp printed transformers' greedy text, and where not, how
+    (from the follow_llamacpp fields)."""
+    out = []
+    for quant, _ in QUANTS:
+        rs = [r for r in recs if r["model"] == f"tiny-llava-{quant}.gguf"]
+        if not rs:
+            continue
+        if all(r["hf_same_prompt_text_equal"] for r in rs):
+            every = "both" if len(rs) == 2 else f"all {len(rs)}"
+            out.append(f"With {quant} llama.cpp prints exactly transformers' greedy text in {every} cases.")
+            continue
+        devs = [d for r in rs for d in (r.get("hf_same_prompt_follow_llamacpp_deviations") or [])]
+        complete = all(r["hf_same_prompt_text_equal"] or r.get("hf_same_prompt_follow_llamacpp_complete") for r in rs)
+        n_eq = sum(r["hf_same_prompt_text_equal"] for r in rs)
+        lo, hi = min(d[1] for d in devs) + 1, max(d[1] for d in devs) + 1
+        text = (f"With {quant} llama.cpp prints transformers' greedy text in {n_eq} of {len(rs)} cases; elsewhere it "
+                f"leaves transformers' greedy tokens {len(devs)} times in all, each time for a token that transformers "
+                f"ranks {lo if lo == hi else f'{lo} to {hi}'}, {min(d[4] for d in devs):.2g} "
+                f"to {max(d[4] for d in devs):.2g} below its top-1")
+        if complete:
+            text += ", and otherwise takes transformers' greedy choices"
+        else:
+            text += "; some outputs are not reproduced by following transformers' top 20 (see the table)"
+        if quant != "F16":
+            text += (f" ({quant} quantizes the text weights and, in the matrix products, the activations to 8 bits: "
+                     "the logits move by tenths)")
+        out.append(text + ".")
+    return " ".join(out)
+
+
+def readme_text_section():
+    rows, recs = [], {}
+    for quant, _ in QUANTS:
+        for case in TEXT_CASES:
+            f = GGUF_DIR / f"llamacpp-text-{quant}-{case}.json"
+            if not f.exists():
+                continue
+            r = recs[(quant, case)] = json.load(open(f))
+            k = r["hf_same_prompt_tokens_agreeing"]
+            devs = fmt_devs(r.get("hf_same_prompt_follow_llamacpp_deviations")) if k < N_NEW_TOKENS else "-"
+            rows.append(f"| {quant} | {case} | {json.dumps(r['generated_text'], ensure_ascii=False)} | "
+                        f"{r['hf_same_prompt_text_equal']} | {k}/{N_NEW_TOKENS} | {devs} |")
+    if not recs:
+        return ""
+    ex = {c: recs.get(("F16", c)) for c in TEXT_CASES}
+    diffs = {q: r["gguf_text_weights_max_abs_diff_vs_hub"] for (q, c), r in recs.items()}
+    same_ids = all(r["hf_chat_template_input_ids_equal"] for r in recs.values())
+    return f"""
+## llama.cpp text-only references (`gguf/llamacpp-text-<quant>-<case>.json`)
+
+Text-only chats (no image, no mmproj) through the unmodified llama.cpp {LLAMA_CPP_COMMIT} with the GGUF's chat
+template. llama-mtmd-cli cannot do this in one shot (without `--image` it starts its interactive chat), so
+these use `llama-completion` (tools/completion, the classic CLI, built from the same tree and flags: the
+script runs `cmake --build $BENCH_DIR/build -j 2 --target llama-completion` when it is missing), run in
+this folder:
+
+`llama-completion -m gguf/<model> [-sys <system text>] -p <user text> -n 16 --temp 0 --ignore-eos -c 512 -t 2
+--seed 0 --jinja -cnv -st --no-display-prompt --verbose-prompt -v`
+
+(`-cnv -st`: one user turn formatted with the template and the generation prompt, then exit;
+`--no-display-prompt`: stdout is the generated text followed by two newlines, kept raw in `stdout`.)
+Cases (`messages` in each file): `user` = one user message "Tell me a story about a lighthouse.";
+`system` = a system message "You are a careful assistant that answers briefly." before the same user
+message. Formatted prompts (`formatted_prompt`, from the `-v` log; BOS is added when tokenizing):
+
+* user: {json.dumps(ex['user']['formatted_prompt'] if ex.get('user') else None)}
+* system: {json.dumps(ex['system']['formatted_prompt'] if ex.get('system') else None)}
+
+`prompt_token_ids` are the ids llama-completion logs with `--verbose-prompt` (checked equal to
+llama-tokenize of the formatted prompt with BOS). The transformers side (`hf_chat_template_prompt`,
+`hf_chat_template_input_ids`: tiny-llava-hub's processor `apply_chat_template` + tokenizer) gives the same
+prompt and ids in every case: {same_ids}. `hf_same_prompt_*` is transformers (tiny-llava-hub, float32) greedy on
+`prompt_token_ids` with EOS masked, printed the way llama.cpp prints pieces; margins are top1 - top2.
+`gguf_text_weights_max_abs_diff_vs_hub` compares the GGUF's text weights (dequantized, Q/K permutation undone)
+with the hub folder's: {', '.join(f'{q} {v:.3g}' for q, v in diffs.items())}.
+
+Where llama.cpp's text leaves the transformers greedy tokens, `hf_same_prompt_follow_llamacpp_*` walks
+llama.cpp's text with transformers' logits: at each step the top-1 if its piece continues the text, else
+the best-ranked of the top 20 that does (`deviations`: [step, rank (0 = top-1), id, piece, logit gap to the
+top-1]); `complete` when that reproduces the text in 16 tokens; `sampled_ids_inferred` are those tokens (or
+the greedy tokens when the texts are equal). Unused rows 32002..32063 (`[PADnnnnn]`, UNUSED in the GGUF,
+random lm_head rows here) can win and print nothing in llama.cpp.
+
+{deviation_summary(recs.values())} A seer GGUF path should print nothing for the unused `[PADnnnnn]` rows, as
+llama.cpp does.
+
+| quant | case | llama.cpp text | = HF same prompt | HF tokens agreeing | where llama.cpp took another token (its rank in HF's logits) |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def readme_fixed_section():
+    rows, recs, same_tokens, gelu_shift, n_changed = [], [], [], 0.0, 0
+    for quant, _ in QUANTS:
+        for case in LLAMACPP_CASES:
+            f = GGUF_DIR / f"llamacpp-fixed-{quant}-{case}.json"
+            if not f.exists():
+                continue
+            r = json.load(open(f))
+            recs.append(r)
+            n = r["hf_same_prompt_tokens_agreeing"]
+            devs = "-"
+            if n < N_NEW_TOKENS:
+                devs = fmt_devs(r.get("hf_same_prompt_follow_llamacpp_deviations"))
+                if not r.get("hf_same_prompt_follow_llamacpp_complete"):
+                    devs += "; the rest not reproduced"
+            rows.append(f"| {quant} | {case} | {json.dumps(r['generated_text'], ensure_ascii=False)} | "
+                        f"{r['hf_same_prompt_text_equal']} | {n}/{N_NEW_TOKENS} | {devs} | "
+                        f"{r['fixed_emulation_text_equal']} ({r['fixed_emulation_tokens_agreeing']}/{N_NEW_TOKENS}) | "
+                        f"{r['generated_text'] != r['unpatched_generated_text']} |")
+            gelu_shift = max([gelu_shift] + [abs(a - b) for a, b in zip(r["hf_same_prompt_margins"],
+                                                                        r["fixed_emulation_margins"])])
+            same_tokens.append(r["hf_same_prompt_greedy_tokens"] == r["fixed_emulation_greedy_tokens"])
+            n_changed += r["generated_text"] != r["unpatched_generated_text"]
+    if not rows:
+        return ""
+    assert all(same_tokens), "the tanh gelu changed a greedy token: update the README text"
+    summary = deviation_summary(recs)
+    return f"""
+## Patched llama.cpp references (`gguf/llamacpp-fixed-<quant>-<case>.json`, `gguf/llamacpp-fixes.patch`)
+
+llama.cpp {LLAMA_CPP_COMMIT} with both vision-graph defects fixed, to have llama.cpp evidence with transformers'
+semantics. `llamacpp-fixes.patch` (unified diff of `tools/mtmd/models/llava.cpp`, llama.cpp is MIT; apply with
+`patch -p1` in the llama.cpp root):
+
+1. CLS first: the operands of `ggml_concat` are swapped, so that the class embedding comes before the patches
+   as the `positions` (0..16) and `patches` (1..16) inputs assume (issue #25814; the change of PR #25844);
+2. layer count: without `clip.vision.feature_layer` the graph runs all `n_layer` stored blocks instead of
+   `n_layer - 1` (the legacy converter already dropped the blocks after `vision_feature_layer` -2; issue
+   #25817; the change of PR #25845, which also drops the MiniCPM-V/GLM-Edge `+= 1` that only undid the old
+   subtraction).
+
+The script (step `llamacpp-fixed`) copies the llama.cpp source to `$BENCH_DIR/src-fixed/llama.cpp`, applies
+the patch and builds only `llama-mtmd-cli` in `$BENCH_DIR/build-fixed` with setup.sh's cmake flags
+(`-G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}`, `-j 2`), then runs the
+`jinja` command of the llama.cpp references above with that binary (cases a, b, c; F16 and Q8_0):
+
+`llama-mtmd-cli -m gguf/<model> --mmproj gguf/mmproj-tiny-llava-F16.gguf --image ... -p <text> -n 16 --temp 0
+--ignore-eos -c 512 -t 2 --seed 0 --jinja -v`
+
+Fields as in `llamacpp-<quant>-<case>.json` (one run, no `runs` level), plus `unpatched_generated_text` (the
+unmodified llama.cpp's jinja output for the same command). `hf_same_prompt_*` is transformers'
+`LlavaForConditionalGeneration` itself (its vision tower, `vision_feature_layer` -2, CLS dropped, exact gelu;
+tiny-llava-hub in float32) on the same prompt ids and llama.cpp-style pixels. `fixed_emulation_*` is the same
+with the one semantic difference the patched llama.cpp still has: the projector's `ggml_gelu` (tanh
+approximation). `follow_llamacpp` fields as for the text-only references.
+
+{summary} The tanh gelu moves transformers' margins by at most {gelu_shift:.2g} here and changes no greedy token.
+{n_changed} of {len(rows)} patched outputs differ from the unpatched ones (the two defects change the image features).
+
+| quant | case | patched llama.cpp text | = HF same prompt | HF tokens agreeing | where llama.cpp took another token (its rank in HF's logits) | = emulation with tanh gelu (tokens agreeing) | differs from unpatched |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
 
 
 def make_readme():
@@ -1216,7 +1396,9 @@ converter `tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py`, `llama-qu
   computed by loading THAT folder back in float32 (so the storage rounding is included).
 * `gguf/`: `tiny-llava-F16.gguf` (text model), `tiny-llava-Q8_0.gguf` (`llama-quantize ... Q8_0`),
   `mmproj-tiny-llava-F16.gguf` (vision tower + projector), `llamacpp-<quant>-<case>.json`
-  (llama-mtmd-cli greedy outputs), `llamacpp-no-template-flag.json`.
+  (llama-mtmd-cli greedy outputs), `llamacpp-no-template-flag.json`, `llamacpp-text-<quant>-<case>.json`
+  (text-only chats through llama.cpp), `llamacpp-fixes.patch` (two fixes to llama.cpp's LLaVA vision graph)
+  and `llamacpp-fixed-<quant>-<case>.json` (llama-mtmd-cli greedy outputs from llama.cpp with that patch).
 
 ## Model
 
@@ -1336,7 +1518,8 @@ is kept raw). llama-mtmd-cli does not print ids: `retokenized_ids` is a re-token
 
 **The llama.cpp outputs do not match transformers with the same prompt ids and pixels
 (`hf_same_prompt_*`)**, because llama.cpp {LLAMA_CPP_COMMIT} runs a legacy LLaVA-1.5 mmproj differently from
-transformers (known upstream, ggml-org/llama.cpp#25814 and #25817, closed without a fix):
+transformers (known upstream: issues ggml-org/llama.cpp#25814 and #25817, closed as stale; fixes
+proposed in PRs #25844 and #25845, not merged at 0c1e57098; `llamacpp-fixed-*` below applies them):
 (1) the CLS embedding is appended after the patch embeddings while the position ids stay 0..16 and
 rows 1..16 are kept, so each patch gets its neighbour's position embedding, patch 0 is dropped and
 the CLS output is fed as the last image token; (2) the converter already dropped the last encoder layer
@@ -1347,14 +1530,16 @@ leading tokens of the emulation that llama.cpp printed too, with the emulation's
 the first disagreement: F16 follows the emulation until a small margin meets llama.cpp's f16
 activations; Q8_0 parts earlier: its ~0.4% weight error (the activations are quantized too) moves logits
 of magnitude ~25 by tenths, more than several of the margins.
-The text model alone (no image, text-only prompt) matched transformers token for token when checked.
+The text model alone (no image, text-only prompt) matches transformers token for token with F16
+(`llamacpp-text-*` below).
 A llama.cpp-compatible GGUF path in seer should therefore be compared with the transformers cases
-(same semantics) rather than with these texts, which carry the two defects.
+(same semantics) or with `llamacpp-fixed-*` (below) rather than with these texts, which carry the two defects.
 
 | quant | case | mode | llama.cpp text | = HF same prompt | emulation tokens agreeing |
 |---|---|---|---|---|---|
 {chr(10).join(cpp_rows)}
-"""
+{readme_text_section()}
+{readme_fixed_section()}"""
     (FIX / "README.md").write_text(text, encoding="utf-8")
     log("README written")
 

@@ -102,16 +102,17 @@ fn swapped_model_and_mmproj_are_explained() {
     assert!(msg.contains("projector") && msg.contains("--mmproj"), "{msg}");
 }
 
-/// Rewrites the fixture mmproj with a projector whose output is 32 wide instead of the
-/// text model's 64: an mmproj made for another model.
-fn mismatched_mmproj(dir: &Path) -> PathBuf {
+/// Rewrites the fixture mmproj as `name`: with `narrow`, the projector's output is 32
+/// wide instead of the text model's 64 (an mmproj made for another model); with
+/// `projector_type`, that metadata value is replaced.
+fn rewritten_mmproj(dir: &Path, name: &str, narrow: bool, projector_type: Option<&str>) -> PathBuf {
     let src = gguf_dir().join("mmproj-tiny-llava-F16.gguf");
     let mut file = std::fs::File::open(&src).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut tensors = Vec::new();
     for name in content.tensor_infos.keys() {
         let mut t = content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap();
-        if name == "mm.2.weight" || name == "mm.2.bias" {
+        if narrow && (name == "mm.2.weight" || name == "mm.2.bias") {
             let dense = t.dequantize(&candle_core::Device::Cpu).unwrap().narrow(0, 0, 32).unwrap();
             // A fresh buffer: quantize reads the whole storage, not the narrowed view.
             let dense = candle_core::Tensor::from_vec(dense.flatten_all().unwrap().to_vec1::<f32>().unwrap(), dense.shape(), &candle_core::Device::Cpu).unwrap();
@@ -119,9 +120,13 @@ fn mismatched_mmproj(dir: &Path) -> PathBuf {
         }
         tensors.push((name.clone(), t));
     }
-    let out = dir.join("mmproj-other.gguf");
+    let out = dir.join(name);
     let mut w = std::fs::File::create(&out).unwrap();
-    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut meta = content.metadata.clone();
+    if let Some(kind) = projector_type {
+        meta.insert("clip.projector_type".into(), gguf_file::Value::String(kind.into()));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut w, &metadata, &tensors).unwrap();
     out
@@ -130,11 +135,19 @@ fn mismatched_mmproj(dir: &Path) -> PathBuf {
 #[test]
 fn mmproj_for_another_model_names_both_files_and_sizes() {
     let dir = scratch("mismatch");
-    let mmproj = mismatched_mmproj(&dir);
+    let mmproj = rewritten_mmproj(&dir, "mmproj-other.gguf", true, None);
     let msg = load_err(&gguf_dir().join("tiny-llava-Q8_0.gguf"), Some(&mmproj));
     for want in ["mmproj-other.gguf", "tiny-llava-Q8_0.gguf", "32", "64"] {
         assert!(msg.contains(want), "`{want}` missing from: {msg}");
     }
+}
+
+#[test]
+fn mmproj_of_another_projector_type_is_refused() {
+    let dir = scratch("projector-type");
+    let mmproj = rewritten_mmproj(&dir, "mmproj-idefics3.gguf", false, Some("idefics3"));
+    let msg = load_err(&gguf_dir().join("tiny-llava-Q8_0.gguf"), Some(&mmproj));
+    assert!(msg.contains("idefics3") && msg.contains("mmproj-idefics3.gguf") && msg.contains("mlp"), "{msg}");
 }
 
 fn ask(vlm: &Vlm, text: String, images: Vec<ImageInput>) -> Result<seer_engine::Generation, EngineError> {

@@ -7,6 +7,16 @@
 //!   folder, so seer must produce exactly those tokens. (llama.cpp's own LLaVA vision graph
 //!   at 0c1e57098 puts the class token last and runs one layer too few, upstream #25814 and
 //!   #25817, so its raw image output is not the reference.)
+//! - `llamacpp-fixed-<quant>-<case>.json`: llama-mtmd-cli built with those two defects
+//!   fixed (`llamacpp-fixes.patch`), and `llamacpp-text-<quant>-<case>.json`: unmodified
+//!   llama.cpp on text-only chats. Their printed text is compared with seer's.
+//!
+//! Quantized (Q8_0) runs are compared where llama.cpp's output is stable: both engines
+//! quantize activations to 8 bits, but llama.cpp also keeps its KV cache in f16, so where
+//! the top two logits are close the two can part ways. Of the five Q8_0 references, seer
+//! reproduces `text-user` and `fixed-a_square` exactly; `text-system` parts at token 8
+//! (llama.cpp picks an unused padding row), `fixed-b_wide` at token 5 and
+//! `fixed-c_two_images` at token 5.
 
 use std::path::{Path, PathBuf};
 
@@ -55,5 +65,68 @@ fn f16_gguf_matches_transformers_on_llamacpp_prompts() {
         let gen = vlm.generate(&req, &ImageLimits::default(), &mut |_| true).unwrap();
         assert_eq!(gen.token_ids, ids(&run["hf_same_prompt_greedy_tokens"]), "{case}: greedy tokens");
         assert_eq!(gen.usage.image_tokens, 16 * req.messages[0].images().count());
+    }
+}
+
+/// llama.cpp prints the first generated piece with its leading space; Hugging Face's
+/// decode (and seer's) drops it.
+fn printed(run: &Value) -> String {
+    run["generated_text"].as_str().unwrap().trim_start_matches(' ').to_string()
+}
+
+fn run_of(r: &Value) -> &Value {
+    if r.get("runs").is_some() { &r["runs"]["jinja"] } else { r }
+}
+
+/// A text-only chat as the llama.cpp reference ran it.
+fn text_request(r: &Value) -> GenerateRequest {
+    let messages = r["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = seer_engine::Role::parse(m["role"].as_str().unwrap()).unwrap();
+            let text = match &m["content"] {
+                Value::String(s) => s.clone(),
+                other => other[0]["text"].as_str().unwrap().to_string(),
+            };
+            Message::text(role, text)
+        })
+        .collect();
+    GenerateRequest { messages, max_tokens: 16, sampling: SamplingParams::default(), ignore_eos: true }
+}
+
+fn generate(vlm: &Vlm, req: &GenerateRequest) -> seer_engine::Generation {
+    vlm.generate(req, &ImageLimits::default(), &mut |_| true).unwrap()
+}
+
+#[test]
+fn text_only_chats_match_llamacpp() {
+    for (quant, cases) in [("F16", &["user", "system"][..]), ("Q8_0", &["user"][..])] {
+        let vlm = load(quant);
+        for case in cases {
+            let r = reference(&format!("llamacpp-text-{quant}-{case}.json"));
+            let run = run_of(&r);
+            let req = text_request(&r);
+            let prompt = vlm.build_prompt(&req.messages).unwrap();
+            assert_eq!(prompt.text, run["formatted_prompt"].as_str().unwrap(), "{quant}/{case}: prompt");
+            assert_eq!(vlm.expanded_ids(&prompt, 32000), ids(&run["prompt_token_ids"]), "{quant}/{case}: prompt ids");
+            let gen = generate(&vlm, &req);
+            assert_eq!(gen.text, printed(run), "{quant}/{case}: text");
+            assert_eq!(gen.token_ids, ids(&run["sampled_ids_inferred"]), "{quant}/{case}: tokens");
+        }
+    }
+}
+
+#[test]
+fn image_chats_match_llamacpp_with_its_llava_fixes() {
+    for (quant, cases) in [("F16", &["a_square", "b_wide", "c_two_images"][..]), ("Q8_0", &["a_square"][..])] {
+        let vlm = load(quant);
+        for case in cases {
+            let r = reference(&format!("llamacpp-fixed-{quant}-{case}.json"));
+            let run = run_of(&r);
+            let gen = generate(&vlm, &request(&r));
+            assert_eq!(gen.text, printed(run), "{quant}/{case}: text");
+        }
     }
 }
