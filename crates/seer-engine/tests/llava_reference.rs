@@ -1,6 +1,11 @@
 //! seer against transformers on the tiny LLaVA fixtures (tests/fixtures/llava, made by
 //! scripts/make_llava_fixtures.py): prompt text, input ids, pixels, first-step logits and
 //! 16 greedy tokens, for both checkpoint layouts.
+//!
+//! Logits: seer's f32 must be within 1e-4 of the float64 reference, the exact answer. The
+//! fixture's logits are near 26, where f32 rounding alone moves transformers' own f32 run
+//! up to 8e-5 from float64, so seer and transformers' f32 may differ by the sum of two such
+//! errors (checked at 2e-4).
 
 use std::path::{Path, PathBuf};
 
@@ -85,8 +90,12 @@ fn check_folder(folder: &str) {
         let mut cache = vlm.model.new_cache();
         let logits = vlm.prefill(&prompt, Some(&pixels), &mut cache, &mut Timings::default()).unwrap();
         let want_logits = read_f32(&fixtures().join("cases").join(folder).join(case["logits_file"].as_str().unwrap()));
-        let logit_diff = max_abs_diff(&logits.to_vec1::<f32>().unwrap(), &want_logits);
-        assert!(logit_diff < 1e-4, "{folder}/{name}: logits differ by {logit_diff}");
+        let got_logits = logits.to_vec1::<f32>().unwrap();
+        let logit_diff = max_abs_diff(&got_logits, &want_logits);
+        assert!(logit_diff < 2e-4, "{folder}/{name}: logits differ from transformers' f32 by {logit_diff}");
+        let exact = read_f32(&fixtures().join("cases").join(folder).join(case["logits_f64_file"].as_str().unwrap()));
+        let exact_diff = max_abs_diff(&got_logits, &exact);
+        assert!(exact_diff < 1e-4, "{folder}/{name}: logits differ from the float64 reference by {exact_diff}");
 
         let req = GenerateRequest {
             messages: msgs,
@@ -101,7 +110,7 @@ fn check_folder(folder: &str) {
         let n_images = case["image_sizes"].as_array().unwrap().len();
         assert_eq!(gen.usage.image_tokens, 16 * n_images, "{folder}/{name}: image tokens");
         assert_eq!(gen.usage.prompt_tokens, want_ids.len(), "{folder}/{name}: prompt tokens");
-        eprintln!("{folder}/{name}: pixels {pixel_diff:.2e}, logits {logit_diff:.2e}, tokens equal");
+        eprintln!("{folder}/{name}: pixels {pixel_diff:.2e}, logits vs f64 {exact_diff:.2e} (vs transformers f32 {logit_diff:.2e}), tokens equal");
     }
 }
 
