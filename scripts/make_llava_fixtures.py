@@ -1461,7 +1461,9 @@ prompt tokenized, one `<image>` each), `input_ids` (after the processor expands 
 `greedy_tokens` (16 new tokens), `greedy_text` (decoded, skip_special_tokens), `greedy_token_strings`,
 `logit_margins` / `logit_margin_min` (top1 - top2 at each step, float32), `logit_margin_min_f64`,
 `greedy_tokens_f64_equal`, `<case>.logits.f32` (float32 logits at the last prompt position = the
-distribution of the first new token, 32064 values), `logits_first_step_top5` ([id, logit]).
+distribution of the first new token, 32064 values), `<case>.logits_f64.f32` (the same logits from the
+float64 run, stored as float32: the exact answer; `logits_f32_max_abs_diff_vs_f64` says how far
+transformers' own float32 run is from it), `logits_first_step_top5` ([id, logit]).
 
 * Processor: `AutoProcessor.from_pretrained(folder)` with its image processor replaced by
   `CLIPImageProcessorPil.from_pretrained(folder)` (the PIL class, named explicitly): resize shortest
