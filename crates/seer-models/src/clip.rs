@@ -9,7 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::layers::LayerNorm;
 use crate::linear::{Linear, LinearWeight};
-use crate::weights::Vb;
+use crate::weights::{GgufNames, Vb};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
@@ -115,37 +115,39 @@ fn max_feature_layer(v: &crate::gguf::GgufValue) -> Option<usize> {
     items.iter().filter_map(|x| x.to_i32().ok().or_else(|| x.to_u32().ok().map(|u| u as i32))).max().map(|m| m as usize)
 }
 
-/// GGUF (mmproj) tensor names for the Hugging Face CLIP names under `vision_model`.
-/// `ffn_swapped` is llama.cpp's legacy LLaVA converter, which wrote fc1 as `ffn_down`.
-pub fn gguf_name(hf: &str, ffn_swapped: bool) -> Option<String> {
-    let simple = match hf {
-        "embeddings.patch_embedding.weight" => Some("v.patch_embd.weight"),
-        "embeddings.patch_embedding.bias" => Some("v.patch_embd.bias"),
-        "embeddings.class_embedding" => Some("v.class_embd"),
-        "embeddings.position_embedding.weight" => Some("v.position_embd.weight"),
-        "pre_layrnorm.weight" => Some("v.pre_ln.weight"),
-        "pre_layrnorm.bias" => Some("v.pre_ln.bias"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
+/// llama.cpp's mmproj names for the CLIP tensors under `vision_model`.
+pub const GGUF_NAMES: GgufNames = GgufNames {
+    whole: &[
+        ("embeddings.patch_embedding.weight", "v.patch_embd.weight"),
+        ("embeddings.patch_embedding.bias", "v.patch_embd.bias"),
+        ("embeddings.class_embedding", "v.class_embd"),
+        ("embeddings.position_embedding.weight", "v.position_embd.weight"),
+        ("pre_layrnorm.weight", "v.pre_ln.weight"),
+        ("pre_layrnorm.bias", "v.pre_ln.bias"),
+    ],
+    layers: "encoder.layers",
+    blocks: "v.blk",
+    modules: &[
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.out_proj", "attn_out"),
+        ("layer_norm1", "ln1"),
+        ("layer_norm2", "ln2"),
+        ("mlp.fc1", "ffn_up"),
+        ("mlp.fc2", "ffn_down"),
+    ],
+};
+
+/// llama.cpp's legacy LLaVA converter wrote fc1 as `ffn_down` and fc2 as `ffn_up`;
+/// llama.cpp detects such files by shape, and so does seer. For them, the two names swap
+/// before mapping.
+pub fn swap_fc(hf: &str) -> String {
+    if hf.contains(".mlp.fc1.") {
+        hf.replace(".mlp.fc1.", ".mlp.fc2.")
+    } else {
+        hf.replace(".mlp.fc2.", ".mlp.fc1.")
     }
-    let rest = hf.strip_prefix("encoder.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, param) = rest.rsplit_once('.')?;
-    let (up, down) = if ffn_swapped { ("ffn_down", "ffn_up") } else { ("ffn_up", "ffn_down") };
-    let gguf = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.out_proj" => "attn_out",
-        "layer_norm1" => "ln1",
-        "layer_norm2" => "ln2",
-        "mlp.fc1" => up,
-        "mlp.fc2" => down,
-        _ => return None,
-    };
-    Some(format!("v.blk.{layer}.{gguf}.{param}"))
 }
 
 struct EncoderLayer {
@@ -251,5 +253,21 @@ impl ClipVisionTransformer {
             x = layer.forward(&x)?;
         }
         Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmproj_names_follow_llama_cpp() {
+        assert_eq!(GGUF_NAMES.map("encoder.layers.3.mlp.fc1.weight").unwrap(), "v.blk.3.ffn_up.weight");
+        assert_eq!(GGUF_NAMES.map(&swap_fc("encoder.layers.3.mlp.fc1.weight")).unwrap(), "v.blk.3.ffn_down.weight");
+        assert_eq!(GGUF_NAMES.map(&swap_fc("encoder.layers.0.mlp.fc2.bias")).unwrap(), "v.blk.0.ffn_up.bias");
+        assert_eq!(GGUF_NAMES.map("encoder.layers.10.self_attn.out_proj.bias").unwrap(), "v.blk.10.attn_out.bias");
+        assert_eq!(GGUF_NAMES.map("embeddings.class_embedding").unwrap(), "v.class_embd");
+        assert_eq!(GGUF_NAMES.map("post_layernorm.weight"), None);
+        assert_eq!(crate::llama::GGUF_NAMES.map("layers.7.post_attention_layernorm.weight").unwrap(), "blk.7.ffn_norm.weight");
     }
 }

@@ -12,7 +12,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::layers::{Embedding, RmsNorm};
 use crate::linear::Linear;
-use crate::weights::Vb;
+use crate::weights::{GgufNames, Vb};
 
 /// How rotary embeddings pair up the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -110,34 +110,27 @@ impl LlamaConfig {
     }
 }
 
-/// GGUF tensor names for the Hugging Face names the decoder asks for.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let simple = match hf {
-        "embed_tokens.weight" => Some("token_embd.weight"),
-        "norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
-    }
-    let rest = hf.strip_prefix("layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, param) = rest.rsplit_once('.')?;
-    let gguf = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{gguf}.{param}"))
-}
+/// llama.cpp's names for the decoder's tensors.
+pub const GGUF_NAMES: GgufNames = GgufNames {
+    whole: &[
+        ("embed_tokens.weight", "token_embd.weight"),
+        ("norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ],
+    layers: "layers",
+    blocks: "blk",
+    modules: &[
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+    ],
+};
 
 struct Attention {
     q_proj: Linear,

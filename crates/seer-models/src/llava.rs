@@ -13,7 +13,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::llama::{self, Llama, LlamaConfig};
-use crate::weights::{GgufSource, SafetensorsSource, TensorSource, Vb};
+use crate::weights::{GgufNames, GgufSource, SafetensorsSource, TensorSource, Vb};
 
 #[derive(Debug, Clone)]
 pub struct LlavaConfig {
@@ -153,8 +153,8 @@ impl Llava {
             image_token_id: None,
         };
         let vision_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), clip_name_map(&mmproj, &c.vision))));
-        let projector_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(projector_gguf_name))));
-        let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(llama::gguf_name))));
+        let projector_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| PROJECTOR_GGUF_NAMES.map(n)))));
+        let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n)))));
         Ok(Llava {
             vision_tower: ClipVisionTransformer::load(&vision_vb, &c.vision)?,
             projector: Projector::load(&projector_vb, &c)?,
@@ -207,19 +207,22 @@ fn clip_name_map(mmproj: &GgufFile, c: &ClipVisionConfig) -> Arc<dyn Fn(&str) ->
         .tensor_shape("v.blk.0.ffn_down.weight")
         .map(|s| s == [c.intermediate_size, c.hidden_size])
         .unwrap_or(false);
-    Arc::new(move |name: &str| clip::gguf_name(name, swapped))
+    Arc::new(move |name: &str| if swapped { clip::GGUF_NAMES.map(&clip::swap_fc(name)) } else { clip::GGUF_NAMES.map(name) })
 }
 
-fn projector_gguf_name(hf: &str) -> Option<String> {
-    let rest = hf.strip_prefix("linear_")?;
-    let (idx, param) = rest.split_once('.')?;
-    let gguf_idx = match idx {
-        "1" => 0,
-        "2" => 2,
-        _ => return None,
-    };
-    Some(format!("mm.{gguf_idx}.{param}"))
-}
+/// llama.cpp numbers the projector's layers as in the original LLaVA code's
+/// `nn.Sequential`: linear, GELU, linear.
+const PROJECTOR_GGUF_NAMES: GgufNames = GgufNames {
+    whole: &[
+        ("linear_1.weight", "mm.0.weight"),
+        ("linear_1.bias", "mm.0.bias"),
+        ("linear_2.weight", "mm.2.weight"),
+        ("linear_2.bias", "mm.2.bias"),
+    ],
+    layers: "",
+    blocks: "",
+    modules: &[],
+};
 
 /// Finds the weight files of a Hugging Face folder: the shards named by
 /// `model.safetensors.index.json`, or every `*.safetensors` file.

@@ -227,6 +227,29 @@ impl SafetensorsSource {
 /// layout has no such tensor.
 pub type NameMap = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
+/// How one architecture's Hugging Face names become llama.cpp's: whole names that map
+/// one to one, and per-layer modules (`{layers}.N.{module}.{param}` →
+/// `{blocks}.N.{gguf}.{param}`).
+pub struct GgufNames {
+    pub whole: &'static [(&'static str, &'static str)],
+    pub layers: &'static str,
+    pub blocks: &'static str,
+    pub modules: &'static [(&'static str, &'static str)],
+}
+
+impl GgufNames {
+    pub fn map(&self, hf: &str) -> Option<String> {
+        if let Some((_, gguf)) = self.whole.iter().find(|(h, _)| *h == hf) {
+            return Some(gguf.to_string());
+        }
+        let rest = hf.strip_prefix(self.layers)?.strip_prefix('.')?;
+        let (layer, rest) = rest.split_once('.')?;
+        let (module, param) = rest.rsplit_once('.')?;
+        let (_, gguf) = self.modules.iter().find(|(h, _)| *h == module)?;
+        Some(format!("{}.{layer}.{gguf}.{param}", self.blocks))
+    }
+}
+
 /// A GGUF file seen through a name map.
 pub struct GgufSource {
     file: Arc<GgufFile>,
