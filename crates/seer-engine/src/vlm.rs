@@ -109,6 +109,7 @@ fn load_hf(dir: &Path) -> Result<Vlm> {
     check_hf_architecture(&config)?;
     let files = llava::safetensors_files(dir)?;
     let src = Arc::new(SafetensorsSource::open(&files)?);
+    check_memory(dir, src.f32_bytes())?;
     let model = Llava::load_hf(src, &config)?;
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let source = hf_chat_template(dir)?.ok_or_else(|| {
@@ -129,6 +130,30 @@ fn load_hf(dir: &Path) -> Result<Vlm> {
         preprocess: Preprocess::Hf(hf_image_processor(dir)?),
         name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
     })
+}
+
+/// Refuses a load that cannot fit, instead of letting the system kill the process halfway.
+fn check_memory(dir: &Path, need: u64) -> Result<()> {
+    let Some(available) = available_memory() else { return Ok(()) };
+    if need > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(EngineError::BadRequest(format!(
+            "{} needs {:.1} GiB in f32 but only {:.1} GiB of memory is available; \
+             use a quantized GGUF of this model (with its mmproj) instead",
+            dir.display(),
+            gib(need),
+            gib(available)
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo, where there is one.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn check_hf_architecture(config: &Value) -> Result<()> {

@@ -218,6 +218,11 @@ impl TensorSource for SafetensorsSource {
 }
 
 impl SafetensorsSource {
+    /// Bytes the weights take once upcast to f32, as seer holds dense weights today.
+    pub fn f32_bytes(&self) -> u64 {
+        self.st.tensors().iter().map(|(_, v)| v.shape().iter().product::<usize>() as u64 * 4).sum()
+    }
+
     fn missing(&self, name: &str) -> ModelError {
         ModelError::MissingTensor { name: name.into(), source_desc: self.describe() }
     }

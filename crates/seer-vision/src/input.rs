@@ -281,7 +281,9 @@ const SUPPORTED_FORMATS: [ImageFormat; 5] = [
 /// Decode encoded image bytes (JPEG, PNG, WebP, GIF's first frame, BMP) to
 /// RGB8. Grey is replicated, 16-bit is scaled to 8-bit, alpha is dropped
 /// (as `PIL.Image.convert("RGB")` and llama.cpp's stb_image do). EXIF
-/// orientation is not applied, as in llama.cpp.
+/// orientation is not applied, as in llama.cpp. JPEG is decoded by
+/// libjpeg-turbo's decoder with Pillow's settings, so the pixels are exactly
+/// those `PIL.Image.open(f).convert("RGB")` gives (CMYK included).
 pub fn load_image_bytes(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, VisionError> {
     load_image_bytes_with(bytes, limits, AlphaMode::Drop)
 }
@@ -301,6 +303,11 @@ pub fn load_image_bytes_with(
     let format = image::guess_format(bytes).map_err(|_| VisionError::NotAnImage)?;
     if !SUPPORTED_FORMATS.contains(&format) {
         return Err(VisionError::UnsupportedFormat(format!("{format:?}")));
+    }
+    if format == ImageFormat::Jpeg {
+        // libjpeg-turbo, as in Pillow, for transformers' exact pixels (JPEG
+        // has no alpha); it checks max_pixels from the header itself.
+        return crate::jpeg::decode(bytes, limits.max_pixels);
     }
     // Read only the header first, so that a small file claiming an enormous
     // size is refused before anything is allocated for it.

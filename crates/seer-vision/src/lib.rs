@@ -1,12 +1,14 @@
 //! Image input and preprocessing for seer's vision-language models.
 //!
 //! * [`input`]: load an image from a path, an http(s) URL, base64 / a data
-//!   URL or bytes, as RGB8, within size and network limits ([`ImageLimits`]).
+//!   URL or bytes, as RGB8, within size and network limits ([`ImageLimits`]);
+//!   JPEG through libjpeg-turbo's decoder, as Pillow does, for the same pixels.
 //! * [`clip`]: CLIP-style preprocessing matching transformers'
 //!   `CLIPImageProcessorPil` or llama.cpp's mtmd LLaVA path, pixel for pixel.
 //! * [`resample`]: the Pillow-compatible resizer both of those rely on.
 
 mod fetch;
+mod jpeg;
 
 pub mod clip;
 pub mod input;

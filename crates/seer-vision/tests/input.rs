@@ -86,6 +86,175 @@ fn jpeg_decodes_close_to_the_original() {
     );
 }
 
+fn vision_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/vision")
+        .join(name)
+}
+
+fn fixture_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(vision_fixture(name)).unwrap()
+}
+
+/// Every JPEG that scripts/make_vision_fixtures.py wrote (4:2:0, 4:2:2, 4:4:4,
+/// progressive, grey, CMYK, RGB, restart markers, odd sizes, corrupt data,
+/// and the LLaVA fixture image) decodes to exactly the RGB bytes of PIL's
+/// `Image.open(f).convert("RGB")`, which is what transformers starts from.
+#[test]
+fn jpeg_decodes_exactly_like_pil() {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fixture_bytes("manifest.json")).unwrap();
+    let cases = manifest["jpeg"].as_array().unwrap();
+    assert!(cases.len() >= 10, "{} JPEG cases", cases.len());
+    for case in cases {
+        let jpeg = case["jpeg"].as_str().unwrap();
+        let ours = load_image(&ImageInput::Path(vision_fixture(jpeg)), &ImageLimits::default())
+            .unwrap_or_else(|e| panic!("{jpeg}: {e}"));
+        let size = (
+            case["width"].as_u64().unwrap() as u32,
+            case["height"].as_u64().unwrap() as u32,
+        );
+        assert_eq!(ours.dimensions(), size, "{jpeg}");
+        let pil = fixture_bytes(case["rgb"].as_str().unwrap());
+        let diffs: Vec<u8> = ours
+            .as_raw()
+            .iter()
+            .zip(&pil)
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        let off = diffs.iter().filter(|&&d| d != 0).count();
+        assert!(
+            pil.len() == diffs.len() && off == 0,
+            "{jpeg}: {off} of {} values differ from PIL, by up to {}",
+            pil.len(),
+            diffs.iter().max().unwrap()
+        );
+    }
+}
+
+/// A JPEG whose SOF claims another size (the scan data no longer fits it).
+fn jpeg_claiming(mut jpeg: Vec<u8>, width: u16, height: u16) -> Vec<u8> {
+    let sof = jpeg
+        .windows(2)
+        .position(|m| m[0] == 0xFF && (m[1] == 0xC0 || m[1] == 0xC2))
+        .expect("a SOF0 or SOF2 marker");
+    // FF Cn, length (2), precision (1), height (2), width (2)
+    jpeg[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    jpeg
+}
+
+#[test]
+fn huge_jpeg_dimensions_are_refused_from_the_header() {
+    let huge = jpeg_claiming(fixture_bytes("jpeg_420_q75.jpg"), 60_000, 50_000);
+    let err = load(&huge).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VisionError::TooManyPixels {
+                width: 60_000,
+                height: 50_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let small_limit = ImageLimits {
+        max_pixels: 121 * 73 - 1,
+        ..ImageLimits::default()
+    };
+    let err = load_image_bytes(&fixture_bytes("jpeg_420_q75.jpg"), &small_limit).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VisionError::TooManyPixels {
+                width: 121,
+                height: 73,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// libjpeg's fatal errors come back as errors (unwound out of the C code),
+/// never a panic or an abort; running out of data is an error even where
+/// libjpeg would make do, as in PIL ("image file is truncated").
+#[test]
+fn broken_jpegs_are_errors_not_crashes() {
+    let baseline = fixture_bytes("jpeg_420_q75.jpg");
+    let progressive = fixture_bytes("jpeg_progressive_420_q75.jpg");
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for (kind, jpeg) in [("baseline", &baseline), ("progressive", &progressive)] {
+        for keep in [4, 20, 200, jpeg.len() / 2, jpeg.len() - 3, jpeg.len() - 2] {
+            cases.push((format!("{kind} cut to {keep} bytes"), jpeg[..keep].to_vec()));
+        }
+    }
+    let mut garbage = b"\xFF\xD8\xFF".to_vec();
+    garbage.extend((0..500u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    cases.push(("garbage after the JPEG signature".into(), garbage));
+    let sof = baseline
+        .windows(2)
+        .position(|m| m == [0xFF, 0xC0])
+        .unwrap();
+    let mut twelve_bit = baseline.clone();
+    twelve_bit[sof + 4] = 12;
+    cases.push(("12-bit samples".into(), twelve_bit));
+    let mut bad_length = baseline.clone();
+    bad_length[sof + 2..sof + 4].copy_from_slice(&[0, 3]);
+    cases.push(("bad SOF length".into(), bad_length));
+    cases.push(("zero width".into(), jpeg_claiming(baseline.clone(), 0, 73)));
+    for (what, bytes) in cases {
+        match load(&bytes) {
+            Err(VisionError::Broken(message)) => {
+                assert!(!message.is_empty(), "{what}");
+                println!("{what}: {message}");
+            }
+            Err(other) => panic!("{what}: {other}"),
+            Ok(img) => panic!("{what}: decoded as {:?}", img.dimensions()),
+        }
+    }
+    let err = load(&baseline[..baseline.len() / 2]).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    // Scan data that ends (at the EOI marker) before the image does is only
+    // a warning to libjpeg, which fills the rest with grey; PIL returns that.
+    let short = load(&jpeg_claiming(baseline, 1210, 730)).unwrap();
+    assert_eq!(short.dimensions(), (1210, 730));
+    assert_eq!(short.get_pixel(1209, 729).0, [128, 128, 128]);
+}
+
+/// Each scan of a progressive JPEG can revisit the whole image: a small file
+/// with thousands of scans is refused instead of keeping a core busy.
+#[test]
+fn jpegs_with_too_many_scans_are_refused() {
+    let jpeg = fixture_bytes("jpeg_progressive_420_q75.jpg");
+    let sos: Vec<usize> = jpeg
+        .windows(2)
+        .enumerate()
+        .filter(|(_, m)| m == &[0xFF, 0xDA])
+        .map(|(i, _)| i)
+        .collect();
+    assert!(sos.len() > 2, "progressive: several scans");
+    // Repeat the first (DC) scan: libjpeg only warns about the odd
+    // progression, so without a limit it would decode them all.
+    let first_scan = &jpeg[sos[0]..sos[1]];
+    let with_repeats = |repeats: usize| {
+        let mut out = jpeg[..sos[1]].to_vec();
+        for _ in 0..repeats {
+            out.extend_from_slice(first_scan);
+        }
+        out.extend_from_slice(&jpeg[sos[1]..]);
+        out
+    };
+    assert!(load(&with_repeats(10)).is_ok(), "a few extra scans are fine");
+    let err = load(&with_repeats(1000)).unwrap_err();
+    assert!(
+        matches!(&err, VisionError::Broken(m) if m.contains("scans")),
+        "{err}"
+    );
+}
+
 #[test]
 fn grey_is_replicated_to_rgb() {
     let grey = ImageBuffer::from_fn(5, 3, |x, y| Luma([(x * 40 + y) as u8]));
