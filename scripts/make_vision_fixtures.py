@@ -19,6 +19,11 @@ Writes into tests/fixtures/vision/:
   hf_croppad_<a|b>.f32    CLIPImageProcessorPil, no resize, crop bigger than the image
   img_rgba.png, hf_rgba_over_white.png   CLIPImageProcessorPil's RGBA -> RGB (onto white)
   img_landscape.jpg, pil_decoded_landscape.png   a JPEG and PIL's decoding of it
+  jpeg_<case>.jpg, jpeg_<case>.rgb   JPEGs of many kinds (subsampling, progressive,
+                          grey, CMYK, RGB, restart markers, odd sizes, corrupt data)
+                          and PIL's `Image.open(f).convert("RGB")` of each, raw
+                          RGB8 bytes; llava_wide-120x72.rgb is that of the LLaVA
+                          fixture tests/fixtures/llava/images/wide-120x72.jpg
   clip336_preprocessor_config.json   as written by save_pretrained
   manifest.json           what each file is, with shapes and settings
 
@@ -280,6 +285,65 @@ def copy_saved_config():
         shutil.rmtree(tmp)
 
 
+# (case, width, height, mode, save options): every kind of JPEG that seer's
+# libjpeg-turbo decoding must read exactly as PIL does.
+JPEG_CASES = [
+    ("420_q75", 121, 73, "RGB", {"quality": 75}),
+    ("420_q95_opt", 121, 73, "RGB", {"quality": 95, "optimize": True}),
+    ("444_q95", 121, 73, "RGB", {"quality": 95, "subsampling": "4:4:4"}),
+    ("422_q75", 121, 73, "RGB", {"quality": 75, "subsampling": "4:2:2"}),
+    ("progressive_420_q75", 121, 73, "RGB", {"quality": 75, "progressive": True}),
+    ("progressive_444_q90", 67, 45, "RGB", {"quality": 90, "progressive": True, "subsampling": "4:4:4"}),
+    ("progressive_grey_q80", 67, 45, "L", {"quality": 80, "progressive": True}),
+    ("grey_q75", 121, 73, "L", {"quality": 75}),
+    ("restarts_420_q85", 67, 45, "RGB", {"quality": 85, "restart_marker_blocks": 3}),
+    ("rgb_keep_q90", 67, 45, "RGB", {"quality": 90, "keep_rgb": True}),
+    ("cmyk_q90", 67, 45, "CMYK", {"quality": 90}),
+    ("420_q75_17x9", 17, 9, "RGB", {"quality": 75}),
+    ("420_q75_1x1", 1, 1, "RGB", {"quality": 75}),
+]
+
+
+def corrupt(data):
+    """Overwrite a run of entropy-coded bytes in the middle of the scan: libjpeg
+    warns and resynchronises, PIL ignores the warnings and returns an image."""
+    data = bytearray(data)
+    middle = len(data) // 2
+    data[middle:middle + 24] = bytes([0x55]) * 24
+    return bytes(data)
+
+
+def make_jpeg_fixtures(manifest):
+    """JPEGs and PIL's decoding of each, as raw RGB8 (row-major, no header)."""
+    def write_pil_decoding(jpeg_path, name):
+        rgb = np.array(Image.open(jpeg_path).convert("RGB"))
+        rgb.tofile(os.path.join(OUT, name))
+        return rgb.shape[1], rgb.shape[0]
+
+    for seed, (case, width, height, mode, options) in enumerate(JPEG_CASES, start=100):
+        # Cropped from at least 64x64, as make_image needs room for its shapes.
+        img = make_image(max(width, 64), max(height, 64), seed).crop((0, 0, width, height)).convert(mode)
+        path = os.path.join(OUT, f"jpeg_{case}.jpg")
+        img.save(path, "JPEG", **options)
+        assert write_pil_decoding(path, f"jpeg_{case}.rgb") == (width, height)
+        manifest["jpeg"].append({"jpeg": f"jpeg_{case}.jpg", "rgb": f"jpeg_{case}.rgb",
+                                 "width": width, "height": height, "mode": mode,
+                                 "options": options})
+
+    with open(os.path.join(OUT, "jpeg_420_q75.jpg"), "rb") as f:
+        broken = corrupt(f.read())
+    with open(os.path.join(OUT, "jpeg_corrupt_420_q75.jpg"), "wb") as f:
+        f.write(broken)
+    write_pil_decoding(os.path.join(OUT, "jpeg_corrupt_420_q75.jpg"), "jpeg_corrupt_420_q75.rgb")
+    manifest["jpeg"].append({"jpeg": "jpeg_corrupt_420_q75.jpg", "rgb": "jpeg_corrupt_420_q75.rgb",
+                             "width": 121, "height": 73, "mode": "RGB", "options": {"corrupted": True}})
+
+    llava = os.path.join(os.path.dirname(OUT), "llava", "images", "wide-120x72.jpg")
+    width, height = write_pil_decoding(llava, "llava_wide-120x72.rgb")
+    manifest["jpeg"].append({"jpeg": "../llava/images/wide-120x72.jpg", "rgb": "llava_wide-120x72.rgb",
+                             "width": width, "height": height, "mode": "RGB", "options": {}})
+
+
 RESAMPLE_FILTERS = {1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 RESAMPLE_JOBS = [("tall", 41, 53), ("tiny", 53, 41), ("landscape", 123, 77)]
 
@@ -293,6 +357,7 @@ def main():
         "images": [],
         "resample": [],
         "croppad": [],
+        "jpeg": [],
     }
     p336, p56 = clip_processor(336), clip_processor(56)
     workdir = tempfile.mkdtemp()
@@ -363,6 +428,8 @@ def main():
     # How far is another decoder from PIL's libjpeg-turbo on the same JPEG?
     Image.open(os.path.join(OUT, "img_landscape.png")).save(os.path.join(OUT, "img_landscape.jpg"), quality=90)
     save_png(np.array(Image.open(os.path.join(OUT, "img_landscape.jpg")).convert("RGB")), "pil_decoded_landscape.png")
+
+    make_jpeg_fixtures(manifest)
 
     copy_saved_config()
     shutil.rmtree(workdir)

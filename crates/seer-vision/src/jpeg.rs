@@ -3,7 +3,12 @@
 //! transformers (which opens images with Pillow): the default integer
 //! ("islow") IDCT, fancy upsampling, YCbCr → RGB by libjpeg's own tables.
 //! Another decoder (the image crate's zune-jpeg) differs from it by a few
-//! levels on a good share of the values of a subsampled JPEG.
+//! levels on a good share of the values of a subsampled JPEG. mozjpeg-sys
+//! builds libjpeg-turbo's C code without SIMD (no nasm needed); the SIMD
+//! versions of these steps are bit-exact with it, and Pillow's libjpeg-turbo
+//! (3.2 in Pillow 13) decodes the same as this older copy: the fixtures from
+//! scripts/make_vision_fixtures.py check it on every kind of JPEG Pillow
+//! writes.
 //!
 //! libjpeg reports a fatal error by calling `error_exit`, which must not
 //! return. Here it unwinds (the C code is built with `-fexceptions` and the

@@ -108,8 +108,11 @@ fn jpeg_decodes_exactly_like_pil() {
     assert!(cases.len() >= 10, "{} JPEG cases", cases.len());
     for case in cases {
         let jpeg = case["jpeg"].as_str().unwrap();
-        let ours = load_image(&ImageInput::Path(vision_fixture(jpeg)), &ImageLimits::default())
-            .unwrap_or_else(|e| panic!("{jpeg}: {e}"));
+        let ours = load_image(
+            &ImageInput::Path(vision_fixture(jpeg)),
+            &ImageLimits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{jpeg}: {e}"));
         let size = (
             case["width"].as_u64().unwrap() as u32,
             case["height"].as_u64().unwrap() as u32,
@@ -193,10 +196,7 @@ fn broken_jpegs_are_errors_not_crashes() {
     let mut garbage = b"\xFF\xD8\xFF".to_vec();
     garbage.extend((0..500u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
     cases.push(("garbage after the JPEG signature".into(), garbage));
-    let sof = baseline
-        .windows(2)
-        .position(|m| m == [0xFF, 0xC0])
-        .unwrap();
+    let sof = baseline.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
     let mut twelve_bit = baseline.clone();
     twelve_bit[sof + 4] = 12;
     cases.push(("12-bit samples".into(), twelve_bit));
@@ -247,7 +247,10 @@ fn jpegs_with_too_many_scans_are_refused() {
         out.extend_from_slice(&jpeg[sos[1]..]);
         out
     };
-    assert!(load(&with_repeats(10)).is_ok(), "a few extra scans are fine");
+    assert!(
+        load(&with_repeats(10)).is_ok(),
+        "a few extra scans are fine"
+    );
     let err = load(&with_repeats(1000)).unwrap_err();
     assert!(
         matches!(&err, VisionError::Broken(m) if m.contains("scans")),
