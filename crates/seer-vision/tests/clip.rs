@@ -188,57 +188,6 @@ fn pass_order_matters_for_tall_downscales() {
     assert_ne!(pillow13, older);
 }
 
-/// Why seer does not resize with fast_image_resize: its CatmullRom is
-/// Pillow's bicubic kernel, but its u8 convolution differs in the details
-/// (i16 weights with a variable number of fraction bits; Pillow uses i32 with
-/// 22), and the results are visibly off. A measurement, not a check:
-/// `cargo test -p seer-vision --test clip -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn fast_image_resize_against_pillow() {
-    use fast_image_resize::{
-        images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
-    };
-    let img = image("img_landscape.png");
-    let reference = image("hf336_landscape.png");
-    let src = Image::from_vec_u8(
-        img.width(),
-        img.height(),
-        img.clone().into_raw(),
-        PixelType::U8x3,
-    )
-    .unwrap();
-    let mut dst = Image::new(448, 336, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    Resizer::new().resize(&src, &mut dst, &options).unwrap();
-    let resized = RgbImage::from_raw(448, 336, dst.into_vec()).unwrap();
-    let theirs = center_crop(
-        &resized,
-        CropSize {
-            height: 336,
-            width: 336,
-        },
-    );
-    let diffs: Vec<i32> = theirs
-        .as_raw()
-        .iter()
-        .zip(reference.as_raw())
-        .map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs())
-        .collect();
-    let mut histogram = [0usize; 256];
-    diffs.iter().for_each(|&d| histogram[d as usize] += 1);
-    let spread: Vec<String> = histogram
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| n > 0)
-        .map(|(d, n)| format!("{d}:{n}"))
-        .collect();
-    println!(
-        "fast_image_resize vs Pillow, |difference|:count over {} values: {}",
-        diffs.len(),
-        spread.join(" ")
-    );
-}
 
 #[test]
 fn shortest_edge_truncates_the_long_side() {
