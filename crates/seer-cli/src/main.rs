@@ -123,8 +123,9 @@ fn run(args: RunArgs) -> Result<()> {
     let req = GenerateRequest {
         messages,
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
+        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed, ..Default::default() },
         ignore_eos: args.ignore_eos,
+        ..Default::default()
     };
     let stdout = std::io::stdout();
     let stream = !args.json;

@@ -20,6 +20,33 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Keep going past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Generation ends before the first of these strings; it is not part of the text.
+    pub stop: Vec<String>,
+    /// Report each token's log-probability with this many alternatives (OpenAI's
+    /// `logprobs` + `top_logprobs`).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            messages: Vec::new(),
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            ignore_eos: false,
+            stop: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+    /// The most likely alternatives at this step, best first (the chosen one included).
+    pub top: Vec<(u32, String, f32)>,
 }
 
 /// The prompt as the decoder will see it: runs of tokens and the images between them.
@@ -65,6 +92,7 @@ pub struct Timings {
 pub struct Generation {
     pub text: String,
     pub token_ids: Vec<u32>,
+    pub logprobs: Option<Vec<TokenLogprob>>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
@@ -239,21 +267,37 @@ impl Vlm {
         let mut logits = self.prefill(&prompt, pixels.as_ref(), &mut cache, &mut timings)?;
         timings.ttft_ms = ms(start);
 
-        let mut sampler = Sampler::new(req.sampling.clone());
+        let prompt_ids: Vec<u32> = prompt.segments.iter().flat_map(|s| match s {
+            Segment::Tokens(ids) => ids.clone(),
+            Segment::Image(_) => Vec::new(),
+        }).collect();
+        let mut sampler = Sampler::new(req.sampling.clone(), &prompt_ids);
         let mut stream = TextStream::new();
+        let mut stops = StopWatch::new(&req.stop);
         let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
         let mut finish = FinishReason::Length;
         let decode_start = Instant::now();
         while tokens.len() < req.max_tokens {
-            let next = sampler.sample(&logits.to_vec1::<f32>()?);
+            let mut scores = logits.to_vec1::<f32>()?;
+            sampler.penalize(&mut scores);
+            let next = sampler.sample(&scores);
             if !req.ignore_eos && self.tokenizer.stop_ids.contains(&next) {
                 finish = FinishReason::Stop;
                 break;
             }
+            if let Some(top) = req.logprobs {
+                logprobs.push(self.token_logprob(&scores, next, top));
+            }
             tokens.push(next);
-            let piece = stream.push(&self.tokenizer, next)?;
+            sampler.observe(next);
+            let (piece, stopped) = stops.push(&stream.push(&self.tokenizer, next)?);
             if !piece.is_empty() && !on_text(&piece) {
                 finish = FinishReason::Cancelled;
+                break;
+            }
+            if stopped {
+                finish = FinishReason::Stop;
                 break;
             }
             if tokens.len() == req.max_tokens || cache.len() + 1 >= context {
@@ -262,15 +306,147 @@ impl Vlm {
             let embed = self.model.language_model.embed(&[next])?;
             logits = self.model.language_model.forward(&embed, &mut cache)?;
         }
+        if finish != FinishReason::Cancelled && !stops.stopped {
+            // Text held back for a possible stop string, or an unfinished character.
+            let (mut rest, _) = stops.push(&stream.flush(&self.tokenizer)?);
+            rest.push_str(&stops.finish());
+            if !rest.is_empty() {
+                on_text(&rest);
+            }
+        }
         if tokens.len() > 1 {
             timings.decode_tokens_per_s = (tokens.len() - 1) as f64 / decode_start.elapsed().as_secs_f64();
         }
         Ok(Generation {
-            text: self.tokenizer.decode(&tokens)?,
+            text: stops.text,
+            logprobs: req.logprobs.map(|_| logprobs),
             token_ids: tokens.clone(),
             finish_reason: finish,
             usage: Usage { prompt_tokens, image_tokens, completion_tokens: tokens.len() },
             timings,
         })
+    }
+
+    fn token_logprob(&self, scores: &[f32], id: u32, top: usize) -> TokenLogprob {
+        let lp = crate::sampler::log_softmax(scores);
+        let piece = |i: u32| self.tokenizer.token_to_string(i);
+        let mut best: Vec<u32> = (0..lp.len() as u32).collect();
+        let top = top.min(best.len());
+        if top > 0 {
+            best.select_nth_unstable_by(top - 1, |a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+        }
+        best.truncate(top);
+        best.sort_by(|a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+        TokenLogprob {
+            id,
+            token: piece(id),
+            logprob: lp[id as usize],
+            top: best.into_iter().map(|i| (i, piece(i), lp[i as usize])).collect(),
+        }
+    }
+}
+
+/// Watches the generated text for stop strings, holding back any tail that could still
+/// become one, so a client never sees part of a stop string.
+struct StopWatch<'a> {
+    stops: &'a [String],
+    /// Everything accepted so far (emitted or held back).
+    text: String,
+    emitted: usize,
+    stopped: bool,
+}
+
+impl<'a> StopWatch<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        StopWatch { stops, text: String::new(), emitted: 0, stopped: false }
+    }
+
+    /// Adds generated text; returns what may be shown now and whether a stop string ended it.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.text.push_str(piece);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text[self.emitted..].find(s.as_str()).map(|p| p + self.emitted))
+            .min();
+        if let Some(pos) = hit {
+            self.text.truncate(pos);
+            self.stopped = true;
+            return (self.take(pos), true);
+        }
+        let pending = &self.text[self.emitted..];
+        let hold = self.stops.iter().map(|s| partial_match(pending, s)).max().unwrap_or(0);
+        (self.take(self.text.len() - hold), false)
+    }
+
+    fn take(&mut self, end: usize) -> String {
+        let out = self.text[self.emitted..end].to_string();
+        self.emitted = end;
+        out
+    }
+
+    /// Releases what was held back once generation ends without a stop string.
+    fn finish(&mut self) -> String {
+        self.take(self.text.len())
+    }
+}
+
+/// The length of the longest tail of `text` that is a proper prefix of `stop`.
+fn partial_match(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (Vec<String>, String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut w = StopWatch::new(&stops);
+        let mut shown = Vec::new();
+        for p in pieces {
+            let (out, stopped) = w.push(p);
+            shown.push(out);
+            if stopped {
+                return (shown, w.text, true);
+            }
+        }
+        shown.push(w.finish());
+        (shown, w.text, false)
+    }
+
+    #[test]
+    fn stop_string_split_across_pieces_is_never_shown() {
+        let (shown, text, stopped) = run(&["</end>"], &["Hello </", "en", "d> world"]);
+        assert!(stopped);
+        assert_eq!(text, "Hello ");
+        assert_eq!(shown.concat(), "Hello ");
+        assert_eq!(shown[0], "Hello ", "the possible start of a stop string waits");
+    }
+
+    #[test]
+    fn held_text_is_released_when_it_is_not_a_stop() {
+        let (shown, text, stopped) = run(&["STOP"], &["go ST", "ART", " ST"]);
+        assert!(!stopped);
+        assert_eq!(text, "go START ST");
+        assert_eq!(shown, vec!["go ", "START", " ", "ST"]);
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins() {
+        let (_, text, stopped) = run(&["b", "a"], &["xxabyy"]);
+        assert!(stopped);
+        assert_eq!(text, "xx");
+    }
+
+    #[test]
+    fn partial_match_respects_characters() {
+        assert_eq!(partial_match("abc é", "éz"), 2);
+        assert_eq!(partial_match("abc", "xyz"), 0);
+        assert_eq!(partial_match("ab", "abc"), 2);
     }
 }

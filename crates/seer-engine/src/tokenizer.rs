@@ -87,6 +87,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// A token's text as it would print on its own, for logprobs ("▁" shown as a space).
+    pub fn token_to_string(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)
     }
@@ -118,6 +123,17 @@ impl TextStream {
         } else {
             Ok(String::new())
         }
+    }
+}
+
+impl TextStream {
+    /// Whatever has not been emitted yet (an unfinished character at the very end).
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<String> {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.strip_prefix(&prefix).unwrap_or("").to_string())
     }
 }
 

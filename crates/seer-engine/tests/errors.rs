@@ -156,6 +156,7 @@ fn ask(vlm: &Vlm, text: String, images: Vec<ImageInput>) -> Result<seer_engine::
         max_tokens: 4,
         sampling: SamplingParams::default(),
         ignore_eos: true,
+        ..Default::default()
     };
     vlm.generate(&req, &ImageLimits::default(), &mut |_| true)
 }

@@ -45,6 +45,7 @@ fn request(case: &Value) -> GenerateRequest {
         max_tokens: 16,
         sampling: SamplingParams::default(),
         ignore_eos: true,
+        ..Default::default()
     }
 }
 
@@ -93,7 +94,7 @@ fn text_request(r: &Value) -> GenerateRequest {
             Message::text(role, text)
         })
         .collect();
-    GenerateRequest { messages, max_tokens: 16, sampling: SamplingParams::default(), ignore_eos: true }
+    GenerateRequest { messages, max_tokens: 16, ignore_eos: true, ..Default::default() }
 }
 
 fn generate(vlm: &Vlm, req: &GenerateRequest) -> seer_engine::Generation {

@@ -102,6 +102,7 @@ fn check_folder(folder: &str) {
             max_tokens: 16,
             sampling: SamplingParams::default(),
             ignore_eos: true,
+            ..Default::default()
         };
         let gen = vlm.generate(&req, &limits, &mut |_| true).unwrap();
         let want_tokens: Vec<u32> = serde_json::from_value(case["greedy_tokens"].clone()).unwrap();
@@ -122,4 +123,44 @@ fn hub_layout_matches_transformers() {
 #[test]
 fn transformers5_layout_matches_transformers() {
     check_folder("tiny-llava-new");
+}
+
+/// Stop strings cut the reference answer where they first occur, and logprobs are the
+/// reference logits' log-softmax.
+#[test]
+fn stop_strings_and_logprobs_follow_the_reference() {
+    let vlm = Vlm::load(&fixtures().join("tiny-llava-hub"), None).unwrap();
+    let (_, case) = cases("tiny-llava-hub").into_iter().find(|(n, _)| n == "a_square").unwrap();
+    let full = case["greedy_text"].as_str().unwrap();
+    // A stop string from the middle of the answer (on a character boundary).
+    let cut = full.char_indices().nth(full.chars().count() / 2).unwrap().0;
+    let stop: String = full[cut..].chars().take(3).collect();
+    let req = GenerateRequest {
+        messages: messages(&case),
+        max_tokens: 16,
+        ignore_eos: true,
+        stop: vec![stop.clone()],
+        logprobs: Some(3),
+        ..Default::default()
+    };
+    let mut shown = String::new();
+    let gen = vlm.generate(&req, &ImageLimits::default(), &mut |t| {
+        shown.push_str(t);
+        true
+    }).unwrap();
+    let expected = &full[..full.find(&stop).unwrap()];
+    assert_eq!(gen.text, expected);
+    assert_eq!(shown, expected, "the stream never shows the stop string");
+    assert_eq!(gen.finish_reason, seer_engine::FinishReason::Stop);
+
+    let exact = read_f32(&fixtures().join("cases/tiny-llava-hub").join(case["logits_f64_file"].as_str().unwrap()));
+    let max = exact.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = exact.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    let first = &gen.logprobs.as_ref().unwrap()[0];
+    let want: u32 = case["greedy_tokens"][0].as_u64().unwrap() as u32;
+    assert_eq!(first.id, want);
+    assert!((first.logprob as f64 - (exact[want as usize] as f64 - log_sum)).abs() < 1e-4, "{}", first.logprob);
+    assert_eq!(first.top.len(), 3);
+    assert_eq!(first.top[0].0, want, "greedy picks the most likely token");
+    assert!(first.top[0].2 >= first.top[1].2 && first.top[1].2 >= first.top[2].2);
 }
