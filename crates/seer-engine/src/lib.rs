@@ -7,6 +7,7 @@ pub mod files;
 pub mod generate;
 pub mod gguf_tokenizer;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod vlm;
 
