@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use seer_engine::{GenerateRequest, Message, Role, SamplingParams, Vlm};
+use seer_server::{Limits, ServeOptions};
 use seer_vision::{ImageInput, ImageLimits};
 
 #[derive(Parser)]
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Answer one prompt about one or more images and exit.
     Run(RunArgs),
+    /// Serve the model over HTTP: OpenAI, KoboldCpp and Ollama compatible APIs.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -67,10 +70,42 @@ struct RunArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Clients must send `Authorization: Bearer KEY` (every endpoint but /health).
+    #[arg(long, env = "SEER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Let image URLs reach loopback, private and link-local addresses.
+    #[arg(long)]
+    allow_private_urls: bool,
+    /// Let `image_url` name local files, inside DIR only.
+    #[arg(long, value_name = "DIR")]
+    allow_local_images: Option<PathBuf>,
+    /// Largest request body; bigger is answered 413.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    max_body_bytes: usize,
+    /// Most images in one request.
+    #[arg(long, default_value_t = Limits::default().max_images)]
+    max_images: usize,
+    /// Most pixels (width × height) in one decoded image.
+    #[arg(long, default_value_t = Limits::default().image.max_pixels)]
+    max_image_pixels: u64,
+    /// Most requests waiting for the model; more are answered 503.
+    #[arg(long, default_value_t = seer_server::state::DEFAULT_MAX_QUEUE)]
+    max_queue: usize,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,4 +195,26 @@ fn run(args: RunArgs) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    set_threads(args.model.threads);
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_ansi(colour).init();
+    let defaults = Limits::default();
+    let image = ImageLimits { max_pixels: args.max_image_pixels, allow_private_urls: args.allow_private_urls, ..defaults.image };
+    let opts = ServeOptions {
+        model: args.model.model,
+        mmproj: args.model.mmproj,
+        host: args.host,
+        port: args.port,
+        api_key: args.api_key,
+        limits: Limits { max_body_bytes: args.max_body_bytes, max_images: args.max_images, image, local_images: args.allow_local_images },
+        max_queue: args.max_queue,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let served = runtime.block_on(seer_server::serve(opts));
+    // Ctrl-C while a model loads: exit now rather than wait for the load to finish.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }

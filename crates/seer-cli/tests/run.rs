@@ -74,3 +74,54 @@ fn errors_are_one_line_and_exit_nonzero() {
         assert!(err.starts_with("error: ") && err.contains(names), "{args:?}: {err}");
     }
 }
+
+/// Kills the child when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A GET over a plain connection: the status line and the body.
+fn http_get(addr: &str, path: &str, key: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn serve_says_where_it_listens_and_when_it_is_ready() {
+    use std::io::BufRead;
+    let child = Command::new(env!("CARGO_BIN_EXE_seer"))
+        .args(["serve", "--model", "tiny-llava-hub", "--port", "0", "--max-queue", "4", "--max-images", "2"])
+        .env("SEER_API_KEY", "k3y")
+        .current_dir(fixtures())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let listening = lines.next().unwrap().unwrap();
+    let addr = listening.strip_prefix("seer: listening on http://").unwrap_or_else(|| panic!("{listening}")).to_string();
+    let ready = lines.next().unwrap().unwrap();
+    assert!(ready.starts_with("seer: model tiny-llava-hub ready"), "{ready}");
+    assert!(http_get(&addr, "/health", "").starts_with("HTTP/1.1 200"));
+    assert!(http_get(&addr, "/v1/models", "wrong").starts_with("HTTP/1.1 401"));
+    let models = http_get(&addr, "/v1/models", "k3y");
+    assert!(models.starts_with("HTTP/1.1 200") && models.contains("\"context_length\":512"), "{models}");
+}
+
+#[test]
+fn serve_refuses_an_empty_api_key() {
+    let out = seer(&["serve", "--model", "tiny-llava-hub", "--port", "0", "--api-key", ""]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("--api-key is empty"), "{err}");
+}

@@ -1,13 +1,14 @@
 //! One request, start to finish: images in → pixels → vision encoder and projector →
 //! embeddings spliced into the token stream → prefill → decode loop → text out.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use seer_vision::{load_image_with, ImageInput, ImageLimits};
 use serde::Serialize;
 
-use crate::chat::Message;
+use crate::chat::{Message, Part};
 use crate::error::{EngineError, Result};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::TextStream;
@@ -25,6 +26,10 @@ pub struct GenerateRequest {
     /// Report each token's log-probability with this many alternatives (OpenAI's
     /// `logprobs` + `top_logprobs`).
     pub logprobs: Option<usize>,
+    /// A prompt the caller wrote in the model's own format, used as is instead of
+    /// rendering the chat template (KoboldCpp's `prompt`, Ollama's `raw`). The images of
+    /// `messages` go before it, as KoboldCpp places them; their text is not used.
+    pub raw_prompt: Option<String>,
 }
 
 impl Default for GenerateRequest {
@@ -36,6 +41,7 @@ impl Default for GenerateRequest {
             ignore_eos: false,
             stop: Vec::new(),
             logprobs: None,
+            raw_prompt: None,
         }
     }
 }
@@ -106,6 +112,7 @@ fn describe(input: &ImageInput) -> String {
         ImageInput::Base64(b) if b.starts_with("data:") => format!("data URL of {} bytes", b.len()),
         ImageInput::Base64(b) => format!("base64 of {} bytes", b.len()),
         ImageInput::Bytes(b) => format!("{} bytes", b.len()),
+        ImageInput::Decoded(img) => format!("decoded {}x{} image", img.width(), img.height()),
     }
 }
 
@@ -124,11 +131,107 @@ impl Vlm {
         };
         let slots = segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
         if slots != n_images {
+            let marker = self.image_marker();
+            if messages.iter().flat_map(|m| &m.parts).any(|p| matches!(p, Part::Text(t) if t.contains(&marker))) {
+                return Err(EngineError::BadRequest(format!(
+                    "a message's text contains the image marker `{marker}`; send images as image parts"
+                )));
+            }
             return Err(EngineError::Template(format!(
                 "the chat template placed {slots} image(s) but the conversation has {n_images}"
             )));
         }
         Ok(Prompt { text, segments })
+    }
+
+    /// The text that stands for an image in a rendered prompt.
+    fn image_marker(&self) -> String {
+        match &self.image_slot {
+            ImageSlot::Token(id) => self.tokenizer.token_to_string(*id),
+            ImageSlot::Marker(marker) => marker.clone(),
+        }
+    }
+
+    /// A prompt the caller wrote (no chat template): BOS, the images, then the text.
+    /// KoboldCpp's layout: images right after BOS, "\n\n" between two images, the
+    /// prompt text tokenized on its own after them.
+    pub fn build_raw_prompt(&self, text: &str, n_images: usize) -> Result<Prompt> {
+        let mut segments = Vec::new();
+        let mut ids = self.tokenizer.encode_plain(text)?;
+        if let Some(bos) = self.tokenizer.bos_id().filter(|_| self.tokenizer.add_bos) {
+            // A BOS the caller wrote still goes before the images.
+            if ids.first() == Some(&bos) {
+                ids.remove(0);
+            }
+            segments.push(Segment::Tokens(vec![bos]));
+        }
+        let separator = self.tokenizer.encode_plain("\n\n")?;
+        for i in 0..n_images {
+            if i > 0 && !separator.is_empty() {
+                segments.push(Segment::Tokens(separator.clone()));
+            }
+            segments.push(Segment::Image(i));
+        }
+        if let ImageSlot::Token(image_id) = self.image_slot {
+            if ids.contains(&image_id) {
+                return Err(EngineError::BadRequest(format!(
+                    "the prompt contains the image marker `{}`; send images in `images`",
+                    self.image_marker()
+                )));
+            }
+        }
+        if !ids.is_empty() {
+            segments.push(Segment::Tokens(ids));
+        }
+        Ok(Prompt { text: text.to_string(), segments })
+    }
+
+    /// The request's prompt: the caller's raw text, or the rendered conversation.
+    pub fn prompt_for(&self, req: &GenerateRequest) -> Result<Prompt> {
+        match &req.raw_prompt {
+            Some(text) => self.build_raw_prompt(text, req.messages.iter().map(|m| m.images().count()).sum()),
+            None => self.build_prompt(&req.messages),
+        }
+    }
+
+    /// Token counts of a prompt, refusing one that leaves no room to generate.
+    fn prompt_usage(&self, prompt: &Prompt) -> Result<Usage> {
+        let n_images = prompt.segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
+        let image_tokens = n_images * self.image_tokens();
+        let prompt_tokens = self.expanded_ids(prompt, 0).len();
+        let context = self.context_length();
+        if prompt_tokens == 0 {
+            return Err(EngineError::BadRequest("the prompt is empty".into()));
+        }
+        if prompt_tokens >= context {
+            return Err(EngineError::ContextOverflow { prompt_tokens, image_tokens, context });
+        }
+        Ok(Usage { prompt_tokens, image_tokens, completion_tokens: 0 })
+    }
+
+    /// Builds and measures a request's prompt without running the model: a server
+    /// calls it before queueing, so a prompt too long for the context is refused at once.
+    pub fn check_prompt(&self, req: &GenerateRequest) -> Result<Usage> {
+        self.prompt_usage(&self.prompt_for(req)?)
+    }
+
+    /// Fetches and decodes every image of the conversation now, replacing each with
+    /// [`ImageInput::Decoded`]: a server does this in its request handler, so a bad
+    /// image is refused at once and a slow URL holds no model time.
+    pub fn decode_images(&self, messages: &mut [Message], limits: &ImageLimits) -> Result<()> {
+        let alpha = self.preprocess.alpha_mode();
+        let inputs = messages.iter_mut().flat_map(|m| m.parts.iter_mut()).filter_map(|p| match p {
+            Part::Image(input) => Some(input),
+            Part::Text(_) => None,
+        });
+        for (index, input) in inputs.enumerate() {
+            if matches!(input, ImageInput::Decoded(_)) {
+                continue;
+            }
+            let img = load_image_with(input, limits, alpha).map_err(|error| EngineError::Image { index, what: describe(input), error })?;
+            *input = ImageInput::Decoded(Arc::new(img));
+        }
+        Ok(())
     }
 
     /// Hugging Face processors tokenize the whole text; the image token marks each image.
@@ -197,7 +300,13 @@ impl Vlm {
             .flat_map(|m| m.images())
             .enumerate()
             .map(|(index, input)| {
-                let img = load_image_with(input, limits, self.preprocess.alpha_mode()).map_err(|error| EngineError::Image { index, what: describe(input), error })?;
+                let img = match input {
+                    ImageInput::Decoded(img) => img.clone(),
+                    _ => Arc::new(
+                        load_image_with(input, limits, self.preprocess.alpha_mode())
+                            .map_err(|error| EngineError::Image { index, what: describe(input), error })?,
+                    ),
+                };
                 Ok(self.preprocess.apply(&img))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -253,15 +362,11 @@ impl Vlm {
     /// returns `false` to stop early.
     pub fn generate(&self, req: &GenerateRequest, limits: &ImageLimits, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation> {
         let start = Instant::now();
-        let prompt = self.build_prompt(&req.messages)?;
-        let n_images = prompt.segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
-        let pixels = if n_images > 0 { Some(self.load_pixels(&req.messages, limits)?) } else { None };
-        let image_tokens = n_images * self.image_tokens();
-        let prompt_tokens = self.expanded_ids(&prompt, 0).len();
+        let prompt = self.prompt_for(req)?;
+        let Usage { prompt_tokens, image_tokens, .. } = self.prompt_usage(&prompt)?;
+        let has_images = prompt.segments.iter().any(|s| matches!(s, Segment::Image(_)));
+        let pixels = if has_images { Some(self.load_pixels(&req.messages, limits)?) } else { None };
         let context = self.context_length();
-        if prompt_tokens >= context {
-            return Err(EngineError::ContextOverflow { prompt_tokens, image_tokens, context });
-        }
         let mut timings = Timings::default();
         let mut cache = self.model.new_cache();
         let mut logits = self.prefill(&prompt, pixels.as_ref(), &mut cache, &mut timings)?;

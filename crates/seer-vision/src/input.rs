@@ -4,6 +4,7 @@
 
 use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
@@ -18,6 +19,9 @@ pub enum ImageInput {
     /// Raw base64, or a `data:` URL.
     Base64(String),
     Bytes(Vec<u8>),
+    /// Already decoded (a server decodes in its request handler, so a bad image is
+    /// refused before the request waits for the model). Loading passes it through.
+    Decoded(Arc<RgbImage>),
 }
 
 impl ImageInput {
@@ -60,7 +64,8 @@ fn has_url_scheme(s: &str) -> bool {
 /// Short strings are more likely mistyped paths than images.
 const MIN_BASE64_LEN: usize = 64;
 
-fn looks_like_base64(s: &str) -> bool {
+/// Whether a string is plausibly base64 image data (and not, say, a file name).
+pub fn looks_like_base64(s: &str) -> bool {
     let mut count = 0;
     for c in s.chars().filter(|c| !c.is_ascii_whitespace()) {
         if !(c.is_ascii_alphanumeric() || "+/=-_".contains(c)) {
@@ -186,6 +191,7 @@ pub fn load_image_with(
             load_image_bytes_with(&decode_base64(text, limits)?, limits, alpha)
         }
         ImageInput::Bytes(bytes) => load_image_bytes_with(bytes, limits, alpha),
+        ImageInput::Decoded(img) => Ok(RgbImage::clone(img)),
     }
 }
 
