@@ -1,5 +1,7 @@
 //! The `seer` command.
 
+mod bench;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +26,8 @@ enum Command {
     Run(RunArgs),
     /// Serve the model over HTTP: OpenAI, KoboldCpp and Ollama compatible APIs.
     Serve(ServeArgs),
+    /// Time image encoding, prefill and decoding on one image (see ../shared/bench).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

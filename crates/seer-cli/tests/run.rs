@@ -125,3 +125,19 @@ fn serve_refuses_an_empty_api_key() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("--api-key is empty"), "{err}");
 }
+
+#[test]
+fn bench_prints_the_fields_the_harness_reads() {
+    let out = seer(&[
+        "bench", "--model", "gguf/tiny-llava-Q8_0.gguf", "--mmproj", "gguf/mmproj-tiny-llava-F16.gguf",
+        "--image-size", "64x48", "--gen-tokens", "4", "--prompt-tokens", "16", "--repeat", "2", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in ["load_ms", "image_encode_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_rss_mib", "pp512_tokens_per_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} = {}", v[key]);
+    }
+    assert_eq!(v["image_tokens"], 16);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+    assert!(v["median"]["ttft_ms"].as_f64().unwrap() >= v["ttft_ms"].as_f64().unwrap(), "best ≤ median for times");
+}
