@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use seer_engine::{GenerateRequest, Message, Role, SamplingParams, Vlm};
+use seer_engine::{GenerateRequest, Isq, LoadOptions, Message, Role, SamplingParams, Vlm};
 use seer_server::{Limits, ServeOptions};
 use seer_vision::{ImageInput, ImageLimits};
 
@@ -38,6 +38,9 @@ struct ModelArgs {
     /// The GGUF projector ("mmproj") that goes with a GGUF text model.
     #[arg(long)]
     mmproj: Option<PathBuf>,
+    /// Quantize a Hugging Face checkpoint's language model as it loads: q4_0, q4k, q5k, q6k or q8_0.
+    #[arg(long, value_parser = parse_isq)]
+    isq: Option<Isq>,
     /// Threads for matrix products (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -137,6 +140,10 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+fn parse_isq(s: &str) -> Result<Isq, String> {
+    Isq::parse(s).ok_or_else(|| format!("unknown type `{s}`; one of {}", Isq::NAMES))
+}
+
 fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads {
         // candle's CPU kernels size their pools from these at first use.
@@ -148,7 +155,8 @@ fn set_threads(threads: Option<usize>) {
 fn load(args: &ModelArgs) -> Result<(Vlm, f64)> {
     set_threads(args.threads);
     let start = Instant::now();
-    let vlm = Vlm::load(&args.model, args.mmproj.as_deref()).context("loading the model")?;
+    let opts = LoadOptions { isq: args.isq };
+    let vlm = Vlm::load_with(&args.model, args.mmproj.as_deref(), &opts).context("loading the model")?;
     Ok((vlm, start.elapsed().as_secs_f64() * 1e3))
 }
 
@@ -211,6 +219,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         model: args.model.model,
         mmproj: args.model.mmproj,
+        load: LoadOptions { isq: args.model.isq },
         host: args.host,
         port: args.port,
         api_key: args.api_key,

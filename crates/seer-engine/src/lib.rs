@@ -15,4 +15,4 @@ pub use chat::{Message, Part, Role};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateRequest, Generation, Usage};
 pub use sampler::SamplingParams;
-pub use vlm::Vlm;
+pub use vlm::{Isq, LoadOptions, Vlm};

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use seer_models::gguf::GgufFile;
 use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
@@ -56,6 +57,52 @@ pub enum ImageSlot {
     Marker(String),
 }
 
+/// In-situ quantization of a Hugging Face checkpoint's language model at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isq {
+    Q4_0,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8_0,
+}
+
+impl Isq {
+    pub const NAMES: &'static str = "q4_0, q4k, q5k, q6k, q8_0";
+
+    pub fn parse(s: &str) -> Option<Isq> {
+        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "q40" => Some(Isq::Q4_0),
+            "q4k" => Some(Isq::Q4K),
+            "q5k" => Some(Isq::Q5K),
+            "q6k" => Some(Isq::Q6K),
+            "q80" => Some(Isq::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn ggml_type(self) -> GgmlDType {
+        match self {
+            Isq::Q4_0 => GgmlDType::Q4_0,
+            Isq::Q4K => GgmlDType::Q4K,
+            Isq::Q5K => GgmlDType::Q5K,
+            Isq::Q6K => GgmlDType::Q6K,
+            Isq::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// Bytes per weight, for the memory estimate.
+    fn bytes_per_weight(self) -> f64 {
+        let t = self.ggml_type();
+        t.type_size() as f64 / t.block_size() as f64
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub isq: Option<Isq>,
+}
+
 pub struct Vlm {
     pub model: Llava,
     pub tokenizer: Tokenizer,
@@ -70,6 +117,10 @@ pub struct Vlm {
 impl Vlm {
     /// `model` is a Hugging Face folder, or a GGUF text model with `mmproj` beside it.
     pub fn load(model: &Path, mmproj: Option<&Path>) -> Result<Vlm> {
+        Self::load_with(model, mmproj, &LoadOptions::default())
+    }
+
+    pub fn load_with(model: &Path, mmproj: Option<&Path>, opts: &LoadOptions) -> Result<Vlm> {
         if !model.exists() {
             return Err(ModelError::io(model, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")).into());
         }
@@ -80,7 +131,13 @@ impl Vlm {
                     model.display()
                 )));
             }
-            return load_hf(model);
+            return load_hf(model, opts.isq);
+        }
+        if opts.isq.is_some() {
+            return Err(EngineError::BadRequest(format!(
+                "--isq quantizes Hugging Face checkpoints as they load; {} is a GGUF file, already in its own type",
+                model.display()
+            )));
         }
         let mmproj = mmproj.ok_or_else(|| {
             EngineError::BadRequest(format!(
@@ -104,13 +161,18 @@ impl Vlm {
     }
 }
 
-fn load_hf(dir: &Path) -> Result<Vlm> {
+fn load_hf(dir: &Path, isq: Option<Isq>) -> Result<Vlm> {
     let config = read_json(&dir.join("config.json"))?;
     check_hf_architecture(&config)?;
     let files = llava::safetensors_files(dir)?;
     let src = Arc::new(SafetensorsSource::open(&files)?);
-    check_memory(dir, src.f32_bytes())?;
-    let model = Llava::load_hf(src, &config)?;
+    // With ISQ most of the weights end up quantized; f32 for the rest is a safe estimate.
+    let need = match isq {
+        Some(q) => (src.f32_bytes() as f64 / 4.0 * q.bytes_per_weight()) as u64 + (src.f32_bytes() / 8),
+        None => src.f32_bytes(),
+    };
+    check_memory(dir, need)?;
+    let model = Llava::load_hf(src, &config, isq.map(Isq::ggml_type))?;
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let source = hf_chat_template(dir)?.ok_or_else(|| {
         EngineError::Template(format!("{} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)", dir.display()))

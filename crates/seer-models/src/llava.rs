@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use serde_json::Value;
 
@@ -112,7 +113,9 @@ pub struct Llava {
 
 impl Llava {
     /// From a Hugging Face folder whose `config.json` has been parsed into `config`.
-    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value) -> Result<Self> {
+    /// `isq` quantizes the language model's matrices as they load; the vision tower and
+    /// projector stay in f32 (they are a small part of the weights and run once per image).
+    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<GgmlDType>) -> Result<Self> {
         let c = LlavaConfig::from_hf(config)?;
         let text = find_prefix(&*src, &TEXT_PREFIXES, "embed_tokens.weight")?;
         let vision = find_prefix(&*src, &VISION_PREFIXES, "embeddings.patch_embedding.weight")?;
@@ -124,7 +127,7 @@ impl Llava {
         Ok(Llava {
             vision_tower: ClipVisionTransformer::load(&at(vision), &c.vision)?,
             projector: Projector::load(&at(projector), &c)?,
-            language_model: Llama::load(&at(text), &at(lm_head), &c.text)?,
+            language_model: Llama::load(&at(text).with_isq(isq), &at(lm_head).with_isq(isq), &c.text)?,
             config: c,
         })
     }

@@ -35,11 +35,19 @@ pub trait TensorSource: Send + Sync {
 pub struct Vb {
     src: Arc<dyn TensorSource>,
     prefix: String,
+    /// In-situ quantization: dense matrices read through this view are quantized to
+    /// this type as they load (one tensor at a time, so two full copies never coexist).
+    isq: Option<GgmlDType>,
 }
 
 impl Vb {
     pub fn new(src: Arc<dyn TensorSource>) -> Self {
-        Vb { src, prefix: String::new() }
+        Vb { src, prefix: String::new(), isq: None }
+    }
+
+    /// The same view with in-situ quantization of its matrices to `isq`.
+    pub fn with_isq(&self, isq: Option<GgmlDType>) -> Vb {
+        Vb { isq, ..self.clone() }
     }
 
     /// Descends one level: `vb.pp("layers").pp(3)` names `layers.3.*`.
@@ -49,7 +57,7 @@ impl Vb {
         } else {
             format!("{}.{part}", self.prefix)
         };
-        Vb { src: self.src.clone(), prefix }
+        Vb { src: self.src.clone(), prefix, isq: self.isq }
     }
 
     fn full(&self, name: &str) -> String {
@@ -112,7 +120,10 @@ impl Vb {
             )));
         }
         let weight = match self.src.load(&name)? {
-            Stored::Dense(t) => LinearWeight::Dense(t),
+            Stored::Dense(t) => match isq_type(self.isq, in_dim) {
+                Some(dtype) => LinearWeight::quantized(QTensor::quantize(&t, dtype)?)?,
+                None => LinearWeight::Dense(t),
+            },
             Stored::Quantized(q) => LinearWeight::quantized(q)?,
         };
         let bias = if bias { Some(self.tensor_shaped("bias", &[out_dim])?) } else { None };
@@ -123,6 +134,14 @@ impl Vb {
     pub fn linear_opt_bias(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
         self.linear(in_dim, out_dim, self.contains("bias"))
     }
+}
+
+/// The type a `[out, in]` matrix is quantized to: rows must split into whole blocks, so
+/// a k-quant (blocks of 256) falls back to Q8_0 (blocks of 32) for narrower rows, and a
+/// row that fits neither stays dense.
+fn isq_type(isq: Option<GgmlDType>, in_dim: usize) -> Option<GgmlDType> {
+    let wanted = isq?;
+    [wanted, GgmlDType::Q8_0].into_iter().find(|t| in_dim % t.block_size() == 0)
 }
 
 /// One or several `.safetensors` files, memory-mapped.

@@ -72,3 +72,36 @@ fn wrong_shape_is_an_error_naming_the_tensor() {
     let err = vb.pp("w").linear(32, 16, false).err().expect("shape mismatch must fail");
     assert!(err.to_string().contains("w.weight") && err.to_string().contains("[16, 32]"), "{err}");
 }
+
+/// In-situ quantization through the seam: a dense safetensors matrix read with `isq`
+/// set becomes that type and multiplies within the type's error.
+#[test]
+fn isq_quantizes_dense_weights_as_they_load() {
+    use candle_core::safetensors::save;
+    use seer_models::weights::SafetensorsSource;
+    let dev = Device::Cpu;
+    let dir = std::env::temp_dir().join(format!("seer-isq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    let (out_dim, in_dim) = (64, 512);
+    let weight = Tensor::randn(0f32, 1.0, (out_dim, in_dim), &dev).unwrap();
+    let narrow = Tensor::randn(0f32, 1.0, (8, 96), &dev).unwrap();
+    save(&std::collections::HashMap::from([("w.weight".to_string(), weight.clone()), ("n.weight".to_string(), narrow.clone())]), &path).unwrap();
+    let vb = Vb::new(Arc::new(SafetensorsSource::open(&[path]).unwrap()));
+    let x = Tensor::randn(0f32, 1.0, (3, in_dim), &dev).unwrap();
+    let want = x.matmul(&weight.t().unwrap()).unwrap();
+    // Measured on Gaussian weights (weights and activations both quantized): Q8_0 0.009,
+    // Q6K 0.019, Q5K 0.040, Q4K 0.086, Q4_0 0.093; the bounds leave ~1.6× headroom.
+    for (dtype, bound) in [(GgmlDType::Q8_0, 0.015), (GgmlDType::Q6K, 0.032), (GgmlDType::Q5K, 0.065), (GgmlDType::Q4K, 0.14), (GgmlDType::Q4_0, 0.15)] {
+        let linear = vb.with_isq(Some(dtype)).pp("w").linear(in_dim, out_dim, false).unwrap();
+        let err = rel_err(&linear.forward(&x).unwrap(), &want);
+        eprintln!("{dtype:?}: {err}");
+        assert!(err > 1e-4 && err < bound, "{dtype:?}: relative error {err}");
+    }
+    // 96 columns fit Q8_0's blocks of 32 but not Q4K's 256: it falls back to Q8_0, not f32.
+    let x = Tensor::randn(0f32, 1.0, (2, 96), &dev).unwrap();
+    let want = x.matmul(&narrow.t().unwrap()).unwrap();
+    let q4k = vb.with_isq(Some(GgmlDType::Q4K)).pp("n").linear(96, 8, false).unwrap().forward(&x).unwrap();
+    let q8 = vb.with_isq(Some(GgmlDType::Q8_0)).pp("n").linear(96, 8, false).unwrap().forward(&x).unwrap();
+    assert_eq!(rel_err(&q4k, &want), rel_err(&q8, &want));
+}

@@ -85,8 +85,8 @@ async fn run(listener: TcpListener, state: AppState, opts: ServeOptions, shutdow
     let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).into_future();
     tokio::pin!(server);
     let start = Instant::now();
-    let (model, mmproj, max_queue) = (opts.model.clone(), opts.mmproj.clone(), opts.max_queue);
-    let load = tokio::task::spawn_blocking(move || state::load(&model, mmproj.as_deref(), max_queue));
+    let (model, mmproj, load_opts, max_queue) = (opts.model.clone(), opts.mmproj.clone(), opts.load.clone(), opts.max_queue);
+    let load = tokio::task::spawn_blocking(move || state::load(&model, mmproj.as_deref(), &load_opts, max_queue));
     tokio::select! {
         served = &mut server => return served.context("serving"),
         loaded = load => {

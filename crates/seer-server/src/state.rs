@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use seer_engine::scheduler::Scheduler;
-use seer_engine::Vlm;
+use seer_engine::{LoadOptions, Vlm};
 use seer_vision::ImageLimits;
 use tokio::sync::Semaphore;
 
@@ -20,6 +20,8 @@ pub const DEFAULT_MAX_QUEUE: usize = 32;
 pub struct ServeOptions {
     pub model: PathBuf,
     pub mmproj: Option<PathBuf>,
+    /// In-situ quantization of a Hugging Face checkpoint.
+    pub load: LoadOptions,
     pub host: String,
     pub port: u16,
     /// Clients must send `Authorization: Bearer <key>` (all endpoints but /health).
@@ -58,6 +60,7 @@ impl ServeOptions {
         ServeOptions {
             model: model.into(),
             mmproj: None,
+            load: LoadOptions::default(),
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
@@ -117,8 +120,8 @@ impl Shared {
 }
 
 /// Loads the model (blocking; run it off the async threads) and starts its worker.
-pub fn load(model: &Path, mmproj: Option<&Path>, max_queue: usize) -> anyhow::Result<Loaded> {
-    let vlm = Arc::new(Vlm::load(model, mmproj).context("loading the model")?);
+pub fn load(model: &Path, mmproj: Option<&Path>, opts: &LoadOptions, max_queue: usize) -> anyhow::Result<Loaded> {
+    let vlm = Arc::new(Vlm::load_with(model, mmproj, opts).context("loading the model")?);
     let size_bytes = [Some(model), mmproj].into_iter().flatten().map(disk_size).sum();
     Ok(Loaded {
         scheduler: Scheduler::new(vlm.clone(), max_queue),
