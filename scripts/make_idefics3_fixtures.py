@@ -580,7 +580,6 @@ def make_llamacpp():
     m32, _ = load_models()
     tok = AutoTokenizer.from_pretrained(FIX / MODEL)
     add_bos = fc.gguf_kv(F16, ["tokenizer.ggml.add_bos_token"])["tokenizer.ggml.add_bos_token"]
-    n_vocab_gguf = len(fc.gguf_kv(F16, ["tokenizer.ggml.tokens"])["tokenizer.ggml.tokens"])
     types = fc.gguf_kv(F16, ["tokenizer.ggml.token_type"])["tokenizer.ggml.token_type"]
     unused = {i for i, t in enumerate(types) if t == 5}
 
@@ -682,7 +681,6 @@ def make_llamacpp():
                                           "ids_equal_hf": ids == hf_case["input_ids"]}
             log(f"llama.cpp {quant} {case}: {fc.text_of(gen)!r} (HF same prompt equal: {text == gen}, {k}/{N_NEW_TOKENS}"
                 f"{'' if k == N_NEW_TOKENS else f', HF margin there {mg[k]:.3g}'})")
-    del n_vocab_gguf
     return results
 
 
@@ -986,7 +984,9 @@ F16 and Q8_0.
   transformers' `resize_for_vision_encoder` whenever the longer side after step 1 is already a multiple of 32 (always
   here, since size.longest_edge 96 = 3 x 32; transformers recomputes the shorter side as `int(longer / aspect)` of the
   rounded longer side, so with a longest edge that is not a multiple of the tile the grids can differ); the overview is the
-  step-2 image resized to 32x32, placed after the tiles, as in transformers. Resizes are llama.cpp's port of Pillow's
+  step-2 image resized to 32x32, placed after the tiles, as in transformers. (Not reached here: when the step-2 image is
+  not larger than one tile, transformers sends only the global image, without row/column tokens, while llama.cpp still
+  makes a 1x1 grid + overview; and llama.cpp has no equivalent of `do_image_splitting` false.) Resizes are llama.cpp's port of Pillow's
   fixed-point resampling, horizontal pass first (see "Pillow 13 resize order"). Decoding is stb_image (PNG: exact).
   `llamacpp_tiles()` in the script emulates this with single-axis PIL resizes; its pixels equal transformers' exactly for
   the square and wide images, and the vision tower's output in llama.cpp (dumped with `MTMD_DEBUG_EMBEDDINGS`, F32 mmproj)
