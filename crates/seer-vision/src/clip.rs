@@ -146,7 +146,9 @@ enum ChannelsJson {
     Three([f64; 3]),
 }
 
-fn channel_values<'de, D: serde::Deserializer<'de>>(de: D) -> Result<[f64; 3], D::Error> {
+pub(crate) fn channel_values<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<[f64; 3], D::Error> {
     match ChannelsJson::deserialize(de) {
         Ok(ChannelsJson::One(v)) => Ok([v; 3]),
         Ok(ChannelsJson::Three(v)) => Ok(v),
@@ -156,7 +158,7 @@ fn channel_values<'de, D: serde::Deserializer<'de>>(de: D) -> Result<[f64; 3], D
     }
 }
 
-fn pil_filter<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Filter, D::Error> {
+pub(crate) fn pil_filter<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Filter, D::Error> {
     let code = u32::deserialize(de)?;
     Filter::from_pil_code(code).ok_or_else(|| {
         serde::de::Error::custom(format!(
@@ -212,31 +214,41 @@ impl Default for ClipProcessorConfig {
 impl ClipProcessorConfig {
     /// Read `preprocessor_config.json`, or a transformers-5 `processor_config.json`.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, VisionError> {
-        let path = path.as_ref();
-        let text =
-            std::fs::read_to_string(path).map_err(|source| VisionError::ConfigUnreadable {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| VisionError::BadConfig(format!("{}: {e}", path.display())))?;
-        Self::from_json_value(&value)
+        Self::from_json_value(&read_json_config(path.as_ref())?)
     }
 
     /// Accepts the flat image-processor dict, or a processor dict that nests it
     /// under `"image_processor"` (how transformers 5 saves `processor_config.json`).
     pub fn from_json_value(value: &Value) -> Result<Self, VisionError> {
-        let dict = match value.get("image_processor") {
-            Some(nested) if nested.is_object() => nested,
-            _ => value,
-        };
-        if !dict.is_object() {
-            return Err(VisionError::BadConfig(
-                "image processor config is not a JSON object".into(),
-            ));
-        }
-        ClipProcessorConfig::deserialize(dict).map_err(|e| VisionError::BadConfig(e.to_string()))
+        ClipProcessorConfig::deserialize(image_processor_dict(value)?)
+            .map_err(|e| VisionError::BadConfig(e.to_string()))
     }
+}
+
+/// Parse a processor config file as JSON.
+pub(crate) fn read_json_config(path: &Path) -> Result<Value, VisionError> {
+    let text = std::fs::read_to_string(path).map_err(|source| VisionError::ConfigUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| VisionError::BadConfig(format!("{}: {e}", path.display())))
+}
+
+/// The image processor's settings: `value` itself (a flat
+/// `preprocessor_config.json`), or its `"image_processor"` object (how
+/// transformers 5 nests it in `processor_config.json`).
+pub(crate) fn image_processor_dict(value: &Value) -> Result<&Value, VisionError> {
+    let dict = match value.get("image_processor") {
+        Some(nested) if nested.is_object() => nested,
+        _ => value,
+    };
+    if !dict.is_object() {
+        return Err(VisionError::BadConfig(
+            "image processor config is not a JSON object".into(),
+        ));
+    }
+    Ok(dict)
 }
 
 /// The output size of transformers' `get_resize_output_image_size` with
@@ -347,21 +359,29 @@ pub fn hf_resize_and_crop(img: &RgbImage, cfg: &ClipProcessorConfig) -> RgbImage
 /// image with transparency, transformers first composites it onto white: load
 /// it with [`crate::AlphaMode::OverWhite`] to do the same.
 pub fn preprocess_hf(img: &RgbImage, cfg: &ClipProcessorConfig) -> Pixels {
-    let cropped = hf_resize_and_crop(img, cfg);
-    let mean = cfg.image_mean.map(|m| m as f32);
-    let std = cfg.image_std.map(|s| s as f32);
-    to_pixels(&cropped, |c, v| {
-        // Rescale in f64 then round to f32 (transformers upcasts for this
-        // step), normalize in f32.
-        let mut value = if cfg.do_rescale {
-            (f64::from(v) * cfg.rescale_factor) as f32
-        } else {
-            f32::from(v)
+    let rescale = cfg.do_rescale.then_some(cfg.rescale_factor);
+    let normalize = cfg.do_normalize.then_some((cfg.image_mean, cfg.image_std));
+    rescale_normalize(&hf_resize_and_crop(img, cfg), rescale, normalize)
+}
+
+/// transformers' numpy `rescale` then `normalize` on a u8 image, to CHW:
+/// rescale in f64 then round to f32 (transformers upcasts for this step),
+/// normalize in f32.
+pub(crate) fn rescale_normalize(
+    img: &RgbImage,
+    rescale: Option<f64>,
+    normalize: Option<([f64; 3], [f64; 3])>,
+) -> Pixels {
+    let normalize = normalize.map(|(mean, std)| (mean.map(|m| m as f32), std.map(|s| s as f32)));
+    to_pixels(img, |c, v| {
+        let value = match rescale {
+            Some(factor) => (f64::from(v) * factor) as f32,
+            None => f32::from(v),
         };
-        if cfg.do_normalize {
-            value = (value - mean[c]) / std[c];
+        match normalize {
+            Some((mean, std)) => (value - mean[c]) / std[c],
+            None => value,
         }
-        value
     })
 }
 

@@ -156,6 +156,8 @@ pub enum VisionError {
     },
     #[error("invalid processor config: {0}")]
     BadConfig(String),
+    #[error("the prompt has {placeholders} image placeholders but {images} images were given")]
+    ImageCountMismatch { placeholders: usize, images: usize },
 }
 
 /// How transparency is flattened away when an image becomes RGB.

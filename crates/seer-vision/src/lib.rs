@@ -5,12 +5,15 @@
 //!   JPEG through libjpeg-turbo's decoder, as Pillow does, for the same pixels.
 //! * [`clip`]: CLIP-style preprocessing matching transformers'
 //!   `CLIPImageProcessorPil` or llama.cpp's mtmd LLaVA path, pixel for pixel.
+//! * [`idefics3`]: SmolVLM / Idefics3 tiling and prompt expansion, matching
+//!   transformers' `Idefics3ImageProcessorPil` and `Idefics3Processor`.
 //! * [`resample`]: the Pillow-compatible resizer both of those rely on.
 
 mod fetch;
 mod jpeg;
 
 pub mod clip;
+pub mod idefics3;
 pub mod input;
 pub mod resample;
 

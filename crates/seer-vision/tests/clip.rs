@@ -188,7 +188,6 @@ fn pass_order_matters_for_tall_downscales() {
     assert_ne!(pillow13, older);
 }
 
-
 #[test]
 fn shortest_edge_truncates_the_long_side() {
     assert_eq!(shortest_edge_size(640, 480, 336), (448, 336));
