@@ -307,6 +307,13 @@ impl GgufFile {
         Ok(&self.mmap[info.offset as usize..(info.offset + info.size) as usize])
     }
 
+    /// The tensor's raw bytes in place in the map, holding the map alive (no copy).
+    pub fn tensor_mapped(&self, name: &str) -> Result<MappedBytes> {
+        let info = self.tensor_info(name)?;
+        // In range: checked at open.
+        Ok(MappedBytes { map: self.mmap.clone(), start: info.offset as usize, len: info.size as usize })
+    }
+
     /// The tensor as stored (quantized or not), on the CPU.
     pub fn qtensor(&self, name: &str) -> Result<QTensor> {
         let dtype = self.tensor_dtype(name)?;
@@ -339,6 +346,21 @@ impl GgufFile {
             info.type_name,
             supported.join(", ")
         ))
+    }
+}
+
+/// Bytes inside a GGUF file's map; the map stays alive as long as any of its views.
+#[derive(Clone)]
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Result as CResult, Tensor, D};
 
 use crate::error::Result;
-use crate::linear::{Linear, LinearWeight};
+use crate::linear::{Linear, LinearWeight, QuantMatrix};
 use crate::weights::{Stored, Vb};
 
 pub struct RmsNorm {
@@ -47,6 +47,8 @@ impl LayerNorm {
 /// Token embeddings, kept in their stored type (a quantized table is read row by row).
 pub enum Embedding {
     Dense(Tensor),
+    /// In a type seer's kernels read: rows dequantized on demand, in place in the file.
+    Ggml(Arc<QuantMatrix>),
     Quantized(Arc<QTensor>),
 }
 
@@ -61,6 +63,7 @@ impl Embedding {
         }
         Ok(match vb.load_stored("weight")? {
             Stored::Dense(t) => Embedding::Dense(t),
+            Stored::Ggml(q) => Embedding::Ggml(Arc::new(q)),
             Stored::Quantized(q) => Embedding::Quantized(Arc::new(q)),
         })
     }
@@ -69,6 +72,12 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> CResult<Tensor> {
         match self {
             Embedding::Dense(w) => w.index_select(ids, 0),
+            Embedding::Ggml(q) => {
+                let flat = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?;
+                let mut dims = ids.dims().to_vec();
+                dims.push(q.dims().1);
+                q.rows_f32(&flat)?.reshape(dims)
+            }
             Embedding::Quantized(q) => q.embedding(ids),
         }
     }
@@ -77,6 +86,7 @@ impl Embedding {
     pub fn as_linear(&self) -> CResult<Linear> {
         let weight = match self {
             Embedding::Dense(w) => LinearWeight::Dense(w.clone()),
+            Embedding::Ggml(q) => LinearWeight::Ggml(q.clone()),
             Embedding::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q.clone())?),
         };
         Ok(Linear::new(weight, None))
@@ -85,6 +95,7 @@ impl Embedding {
     pub fn dim(&self) -> usize {
         match self {
             Embedding::Dense(w) => w.dim(D::Minus1).unwrap_or(0),
+            Embedding::Ggml(q) => q.dims().1,
             Embedding::Quantized(q) => q.shape().dims().last().copied().unwrap_or(0),
         }
     }

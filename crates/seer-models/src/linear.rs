@@ -1,19 +1,176 @@
-//! Every matrix product of every model goes through [`Linear`]. Today dense weights use
-//! candle's f32 GEMM and quantized ones candle's ggml kernels; seer's own quantized CPU
-//! kernels will replace the latter here, and nowhere else.
+//! Every matrix product of every model goes through [`Linear`]. Dense weights use candle's
+//! f32 GEMM; weights in the GGML types seer has kernels for (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)
+//! use seer-kernels on the bytes as stored (in place in the GGUF map); other GGML types
+//! keep candle's kernels.
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use seer_kernels::QuantType;
+
+use crate::gguf::MappedBytes;
 
 pub enum LinearWeight {
     /// `[out, in]`, f32.
     Dense(Tensor),
+    /// `[out, in]` in a type seer-kernels multiplies.
+    Ggml(Arc<QuantMatrix>),
+    /// Other GGML types, through candle's kernels.
     Quantized(QMatMul),
 }
 
 impl LinearWeight {
+    /// A quantized weight: seer's kernels when they cover its type, candle's otherwise.
     pub fn quantized(q: QTensor) -> candle_core::Result<Self> {
+        if let Some(m) = QuantMatrix::from_qtensor(&q)? {
+            return Ok(LinearWeight::Ggml(Arc::new(m)));
+        }
         Ok(LinearWeight::Quantized(QMatMul::from_qtensor(q)?))
+    }
+}
+
+/// The seer-kernels type for a candle GGML type.
+pub fn quant_type(dtype: GgmlDType) -> Option<QuantType> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(QuantType::Q4_0),
+        GgmlDType::Q8_0 => Some(QuantType::Q8_0),
+        GgmlDType::Q4K => Some(QuantType::Q4K),
+        GgmlDType::Q5K => Some(QuantType::Q5K),
+        GgmlDType::Q6K => Some(QuantType::Q6K),
+        _ => None,
+    }
+}
+
+enum WeightBytes {
+    /// In place in a GGUF file's map.
+    Mapped(MappedBytes),
+    /// Quantized at load (in-situ quantization of a dense checkpoint).
+    Owned(Vec<u8>),
+}
+
+/// A `[rows, cols]` matrix in GGML blocks, row-major, as GGUF stores it.
+pub struct QuantMatrix {
+    t: QuantType,
+    rows: usize,
+    cols: usize,
+    bytes: WeightBytes,
+}
+
+impl QuantMatrix {
+    /// `None` unless `bytes` hold exactly `rows` rows of `cols` (a whole number of blocks).
+    pub fn mapped(t: QuantType, rows: usize, cols: usize, bytes: MappedBytes) -> Option<Self> {
+        Self::checked(t, rows, cols, WeightBytes::Mapped(bytes))
+    }
+
+    pub fn owned(t: QuantType, rows: usize, cols: usize, bytes: Vec<u8>) -> Option<Self> {
+        Self::checked(t, rows, cols, WeightBytes::Owned(bytes))
+    }
+
+    fn checked(t: QuantType, rows: usize, cols: usize, bytes: WeightBytes) -> Option<Self> {
+        let m = QuantMatrix { t, rows, cols, bytes };
+        (cols.is_multiple_of(t.block_size()) && m.bytes().len() == rows * t.row_bytes(cols)).then_some(m)
+    }
+
+    /// A candle tensor's blocks, copied, when seer-kernels has its type and it is a matrix.
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let (Some(t), [rows, cols]) = (quant_type(q.dtype()), q.shape().dims()) else {
+            return Ok(None);
+        };
+        Ok(Self::owned(t, *rows, *cols, q.data()?.into_owned()))
+    }
+
+    pub fn quant_type(&self) -> QuantType {
+        self.t
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            WeightBytes::Mapped(m) => m,
+            WeightBytes::Owned(v) => v,
+        }
+    }
+
+    /// Row `r`, dequantized into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let rb = self.t.row_bytes(self.cols);
+        seer_kernels::dequantize_row(self.t, &self.bytes()[r * rb..(r + 1) * rb], out);
+    }
+
+    /// The whole matrix as f32, `[rows, cols]`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        seer_kernels::dequantize_row(self.t, self.bytes(), &mut out);
+        Tensor::from_vec(out, (self.rows, self.cols), &candle_core::Device::Cpu)
+    }
+
+    /// Rows `ids` (each below `rows`), dequantized: `[ids.len(), cols]`.
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &id) in out.chunks_mut(self.cols).zip(ids) {
+            if id as usize >= self.rows {
+                candle_core::bail!("row {id} of a matrix of {} rows", self.rows);
+            }
+            self.dequantize_row(id as usize, o);
+        }
+        Tensor::from_vec(out, (ids.len(), self.cols), &candle_core::Device::Cpu)
+    }
+
+    /// `x` is `[..., cols]` (f32); the result is `[..., rows]`.
+    pub fn forward(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        share_candles_threads();
+        let dtype = x.dtype();
+        let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        x.apply_op1_no_bwd(&GgmlMatMul(self.clone()))?.to_dtype(dtype)
+    }
+}
+
+/// Runs seer-kernels' work on candle's CPU thread pool, which the rest of the model
+/// already uses: one set of threads on the machine rather than two competing ones, and
+/// the calling thread works too (a product starts in microseconds, which matters for the
+/// many small products of a decode step).
+fn share_candles_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        fn run(n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+            candle_core::utils::barrier_pool().execute_chunked(n, f);
+        }
+        let threads = candle_core::utils::get_num_threads();
+        seer_kernels::set_executor(seer_kernels::Executor { threads, run });
+    });
+}
+
+/// `x · Wᵀ` through seer-kernels, reading candle's storage in place.
+struct GgmlMatMul(Arc<QuantMatrix>);
+
+impl CustomOp1 for GgmlMatMul {
+    fn name(&self) -> &'static str {
+        "seer-ggml-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = &self.0;
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("seer-ggml-matmul: f32 input expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("seer-ggml-matmul: input is not contiguous");
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == w.cols => *last = w.rows,
+            _ => candle_core::bail!("seer-ggml-matmul: input {:?} against a [{}, {}] weight", layout.shape(), w.rows, w.cols),
+        }
+        let x = &data[start..end];
+        let n = x.len() / w.cols.max(1);
+        let mut out = vec![0f32; n * w.rows];
+        seer_kernels::matmul(w.t, w.bytes(), w.rows, w.cols, x, n, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -39,6 +196,7 @@ impl Linear {
                 out_dims.push(w.dim(0)?);
                 y.reshape(out_dims)?
             }
+            LinearWeight::Ggml(w) => w.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         };
         match &self.bias {

@@ -14,11 +14,14 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
-use crate::linear::{Linear, LinearWeight};
+use crate::linear::{quant_type, Linear, LinearWeight, QuantMatrix};
 
 /// A weight as stored: dense (upcast to f32) or in a ggml quantized type.
 pub enum Stored {
     Dense(Tensor),
+    /// A matrix in a type seer's kernels multiply, in place in its file.
+    Ggml(QuantMatrix),
+    /// Any other quantized tensor, through candle.
     Quantized(QTensor),
 }
 
@@ -80,6 +83,7 @@ impl Vb {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         match self.src.load(&self.full(name))? {
             Stored::Dense(t) => Ok(t),
+            Stored::Ggml(q) => Ok(q.dequantize()?),
             Stored::Quantized(q) => Ok(q.dequantize(&Device::Cpu)?),
         }
     }
@@ -124,6 +128,7 @@ impl Vb {
                 Some(dtype) => LinearWeight::quantized(QTensor::quantize(&t, dtype)?)?,
                 None => LinearWeight::Dense(t),
             },
+            Stored::Ggml(q) => LinearWeight::Ggml(Arc::new(q)),
             Stored::Quantized(q) => LinearWeight::quantized(q)?,
         };
         let bias = if bias { Some(self.tensor_shaped("bias", &[out_dim])?) } else { None };
@@ -310,7 +315,14 @@ impl TensorSource for GgufSource {
 
     fn load(&self, name: &str) -> Result<Stored> {
         let gname = self.gguf_name(name)?;
-        match self.file.tensor_dtype(&gname)? {
+        let dtype = self.file.tensor_dtype(&gname)?;
+        if let (Some(t), [rows, cols]) = (quant_type(dtype), self.file.tensor_shape(&gname)?.as_slice()) {
+            // In place in the map: no copy, the pages load as the kernels first read them.
+            if let Some(m) = QuantMatrix::mapped(t, *rows, *cols, self.file.tensor_mapped(&gname)?) {
+                return Ok(Stored::Ggml(m));
+            }
+        }
+        match dtype {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Stored::Dense(self.file.tensor(&gname)?)),
             _ => Ok(Stored::Quantized(self.file.qtensor(&gname)?)),
         }
