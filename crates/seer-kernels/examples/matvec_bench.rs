@@ -12,7 +12,7 @@
 //! compute: GOP/s counts 2·rows·cols·n operations per second. Every figure is the best of
 //! several timed batches (the machine is shared and noisy).
 //!
-//! seer's kernels run on candle's thread pool, as in seer (`BENCH_POOL=rayon`: rayon's).
+//! seer's kernels run on their own thread pool, as in seer (`BENCH_POOL=candle`: candle's).
 //! `BENCH_THREADS=1` changes the thread count; `BENCH_HOT=1` reuses one copy of the matrix
 //! (cache-resident when it fits: the kernels' compute ceiling rather than DRAM's);
 //! `BENCH_N=8` adds a case with that many activation rows.
@@ -105,16 +105,21 @@ fn time(mut f: impl FnMut(usize), batches: usize, per_batch: Duration) -> f64 {
 /// Plain read bandwidth with `threads()` threads, in GB/s: sums of the bytes of
 /// `bufs[k % bufs.len()]` as u64 words (the same rotation as the decode cases).
 fn read_bandwidth(bufs: &[Vec<u8>], batches: usize) -> f64 {
-    use rayon::prelude::*;
     let sum = |b: &[u8]| -> u64 {
         let chunk = b.len().div_ceil(threads()).next_multiple_of(8);
-        b.par_chunks(chunk)
-            .map(|c| {
-                // SAFETY: any bytes are valid u64s; `align_to` keeps the aligned middle.
-                let (_, words, _) = unsafe { c.align_to::<u64>() };
-                words.iter().fold(0u64, |a, &w| a.wrapping_add(w))
-            })
-            .sum()
+        std::thread::scope(|s| {
+            let parts: Vec<_> = b
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        // SAFETY: any bytes are valid u64s; `align_to` keeps the aligned middle.
+                        let (_, words, _) = unsafe { c.align_to::<u64>() };
+                        words.iter().fold(0u64, |a, &w| a.wrapping_add(w))
+                    })
+                })
+                .collect();
+            parts.into_iter().map(|p| p.join().unwrap()).fold(0u64, u64::wrapping_add)
+        })
     };
     let secs = time(|k| { black_box(sum(&bufs[k % bufs.len()])); }, batches, Duration::from_millis(250));
     bufs[0].len() as f64 / secs / 1e9
@@ -131,7 +136,7 @@ fn main() {
     // Both engines size their pools from these (candle: CANDLE_NUM_THREADS, then RAYON_NUM_THREADS).
     std::env::set_var("RAYON_NUM_THREADS", threads().to_string());
     std::env::set_var("CANDLE_NUM_THREADS", threads().to_string());
-    if std::env::var("BENCH_POOL").as_deref() != Ok("rayon") {
+    if std::env::var("BENCH_POOL").as_deref() == Ok("candle") {
         fn run(n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
             candle_core::utils::barrier_pool().execute_chunked(n, f);
         }

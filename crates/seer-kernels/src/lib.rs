@@ -10,18 +10,19 @@
 //! portable scalar code. `SEER_KERNELS=scalar|avx2|avx512` forces a path (tests, benchmarks);
 //! [`matmul_with`] takes one explicitly.
 //!
-//! Work is split over weight rows by an [`Executor`]: rayon's global pool by default
-//! (`RAYON_NUM_THREADS` sizes it, as `seer --threads` does; its idle workers spin only
-//! briefly and then sleep, so it costs nothing between products), or whatever pool the
-//! application installs with [`set_executor`] (seer installs candle's, so that its kernels
-//! and candle's other CPU ops share one set of threads). For `n > 1`, each weight row is
-//! loaded once per tile of activation rows; from 8 rows on, AVX-512 packs panels of 16
-//! weight rows and runs a GEMM.
+//! Work is split over weight rows by an [`Executor`]: by default a small pool of this
+//! crate's own (`RAYON_NUM_THREADS` sizes it, as `seer --threads` sets it; the calling
+//! thread works too, chunks are claimed dynamically so a descheduled thread delays nobody,
+//! and idle workers spin for 50 µs and then sleep, so the pool costs nothing between
+//! requests), or whatever the application installs with [`set_executor`]. For `n > 1`,
+//! each weight row is loaded once per tile of activation rows; from 8 rows on, AVX-512
+//! packs panels of 16 weight rows and runs a GEMM.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
 mod act;
+mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -181,14 +182,13 @@ pub fn set_executor(e: Executor) -> bool {
     EXECUTOR.set(e).is_ok()
 }
 
-fn rayon_run(n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-    use rayon::prelude::*;
-    (0..n).into_par_iter().for_each(|i| f(i..i + 1));
+fn pool_run(n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    pool::global().run(n, f)
 }
 
-/// The installed executor, else rayon's global pool.
+/// The installed executor, else this crate's pool.
 pub fn executor() -> Executor {
-    EXECUTOR.get().copied().unwrap_or_else(|| Executor { threads: rayon::current_num_threads(), run: rayon_run })
+    EXECUTOR.get().copied().unwrap_or_else(|| Executor { threads: pool::global().threads(), run: pool_run })
 }
 
 /// The paths this CPU can run, slowest first.
@@ -297,7 +297,7 @@ pub fn matmul_with(
     let job = Job { isa, t, w: &weights[..rows * row_bytes], rows, cols, n };
     ACT.with(|cell| match cell.try_borrow_mut() {
         Ok(mut act) => job.run(&mut act, x, out),
-        // Re-entered on this thread (a rayon worker running another product while it waits):
+        // Re-entered on this thread (a pool worker running another product while it waits):
         // use a scratch of its own.
         Err(_) => job.run(&mut Act::default(), x, out),
     });
@@ -386,7 +386,7 @@ impl Job<'_> {
             task(0, units);
             return;
         }
-        // Enough chunks for rayon to even out uneven threads (a busy core, a slow phase),
+        // Enough chunks to even out uneven threads (a busy core, a slow phase),
         // few enough that each stays long next to the cost of handing it out.
         let chunks = (threads * 8).min(units);
         let chunk = units.div_ceil(chunks);

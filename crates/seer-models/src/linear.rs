@@ -123,26 +123,10 @@ impl QuantMatrix {
 
     /// `x` is `[..., cols]` (f32); the result is `[..., rows]`.
     pub fn forward(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
-        share_candles_threads();
         let dtype = x.dtype();
         let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
         x.apply_op1_no_bwd(&GgmlMatMul(self.clone()))?.to_dtype(dtype)
     }
-}
-
-/// Runs seer-kernels' work on candle's CPU thread pool, which the rest of the model
-/// already uses: one set of threads on the machine rather than two competing ones, and
-/// the calling thread works too (a product starts in microseconds, which matters for the
-/// many small products of a decode step).
-fn share_candles_threads() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        fn run(n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-            candle_core::utils::barrier_pool().execute_chunked(n, f);
-        }
-        let threads = candle_core::utils::get_num_threads();
-        seer_kernels::set_executor(seer_kernels::Executor { threads, run });
-    });
 }
 
 /// `x · Wᵀ` through seer-kernels, reading candle's storage in place.
