@@ -198,7 +198,8 @@ impl Vlm {
     fn prompt_usage(&self, prompt: &Prompt) -> Result<Usage> {
         let n_images = prompt.segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
         let image_tokens = n_images * self.image_tokens();
-        let prompt_tokens = self.expanded_ids(prompt, 0).len();
+        let text_tokens: usize = prompt.segments.iter().map(|s| if let Segment::Tokens(ids) = s { ids.len() } else { 0 }).sum();
+        let prompt_tokens = text_tokens + image_tokens;
         let context = self.context_length();
         if prompt_tokens == 0 {
             return Err(EngineError::BadRequest("the prompt is empty".into()));

@@ -8,6 +8,9 @@
 
 use std::arch::x86_64::*;
 
+// One f16 scale: the AVX2 version needs a subset of these features and inlines here.
+use crate::avx2::f16s;
+
 use crate::act::{Act, Layout, BS_PER_SB};
 use crate::avx2::{hsum128, hsum256, rows, Rows};
 use crate::{drive, read_u16, unpack_k4_scales, Job, OutPtr, QuantType, TileOut, MAX_TILE};
@@ -68,12 +71,6 @@ unsafe fn load(p: *const i8) -> __m256i {
 #[inline(always)]
 unsafe fn load512(p: *const i8) -> __m512i {
     _mm512_loadu_si512(p as *const __m512i)
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn f16s(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p) as i32)))
 }
 
 /// The two f16 at `p` (a k-quant's `d` and `dmin`) as f32.

@@ -13,10 +13,13 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
+
+// One f16 scale: the AVX2 version needs a subset of these features and inlines here.
+use crate::avx2::f16s;
 use std::cell::RefCell;
 
 use crate::act::{Act, Layout};
-use crate::{read_u16, unpack_k4_scales, Job, OutPtr, QuantType};
+use crate::{unpack_k4_scales, Job, OutPtr, QuantType};
 
 /// Weight rows per panel: the 16 f32 lanes of a register.
 pub(crate) const PANEL: usize = 16;
@@ -178,12 +181,6 @@ unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
         o[12 + j] = _mm512_shuffle_i32x4::<0xdd>(b, d);
     }
     o
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn f16s(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(p) as i32)))
 }
 
 /// One row's scales for one block, at `sc[j · 16]`.
