@@ -15,4 +15,5 @@ pub use chat::{Message, Part, Role};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateRequest, Generation, Usage};
 pub use sampler::SamplingParams;
-pub use vlm::{Isq, LoadOptions, Vlm};
+pub use seer_models::KvType;
+pub use vlm::{Isq, LoadOptions, VisionDtype, Vlm};

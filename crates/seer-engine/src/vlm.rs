@@ -8,7 +8,7 @@ use candle_core::quantized::GgmlDType;
 use seer_models::gguf::GgufFile;
 use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
-use seer_models::ModelError;
+use seer_models::{KvType, ModelError};
 use seer_vision::clip::{ClipProcessorConfig, Pixels};
 use serde_json::Value;
 
@@ -101,6 +101,39 @@ impl Isq {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub isq: Option<Isq>,
+    pub vision: VisionDtype,
+    /// The KV cache's element type; by default f16 for quantized models, f32 otherwise.
+    pub kv_cache: Option<KvType>,
+}
+
+/// The precision of the vision tower's and projector's matrix products.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VisionDtype {
+    /// bf16 where the CPU has AVX512-BF16 and precision was already given up for speed:
+    /// an mmproj stored in 16 bits, or a checkpoint loaded with `--isq`. Otherwise f32.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl VisionDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(VisionDtype::Auto),
+            "f32" => Some(VisionDtype::F32),
+            "bf16" => Some(VisionDtype::Bf16),
+            _ => None,
+        }
+    }
+
+    fn bf16(self, auto: bool) -> bool {
+        match self {
+            VisionDtype::Auto => auto,
+            VisionDtype::F32 => false,
+            VisionDtype::Bf16 => true,
+        }
+    }
 }
 
 pub struct Vlm {
@@ -131,7 +164,7 @@ impl Vlm {
                     model.display()
                 )));
             }
-            return load_hf(model, opts.isq);
+            return load_hf(model, opts.isq, opts.vision).map(|v| v.with_kv_cache(opts.kv_cache));
         }
         if opts.isq.is_some() {
             return Err(EngineError::BadRequest(format!(
@@ -145,7 +178,14 @@ impl Vlm {
                 model.display()
             ))
         })?;
-        load_gguf(model, mmproj)
+        load_gguf(model, mmproj, opts.vision).map(|v| v.with_kv_cache(opts.kv_cache))
+    }
+
+    fn with_kv_cache(mut self, dtype: Option<KvType>) -> Self {
+        if let Some(d) = dtype {
+            self.model.language_model.kv_dtype = d;
+        }
+        self
     }
 
     pub fn image_tokens(&self) -> usize {
@@ -161,7 +201,7 @@ impl Vlm {
     }
 }
 
-fn load_hf(dir: &Path, isq: Option<Isq>) -> Result<Vlm> {
+fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
     let config = read_json(&dir.join("config.json"))?;
     check_hf_architecture(&config)?;
     let files = llava::safetensors_files(dir)?;
@@ -172,7 +212,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>) -> Result<Vlm> {
         None => src.f32_bytes(),
     };
     check_memory(dir, need)?;
-    let model = Llava::load_hf(src, &config, isq.map(Isq::ggml_type))?;
+    let model = Llava::load_hf(src, &config, isq.map(Isq::ggml_type), vision.bf16(isq.is_some()))?;
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let source = hf_chat_template(dir)?.ok_or_else(|| {
         EngineError::Template(format!("{} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)", dir.display()))
@@ -245,7 +285,7 @@ fn hf_image_processor(dir: &Path) -> Result<ClipProcessorConfig> {
     Err(ModelError::io(dir.join("preprocessor_config.json"), std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
 }
 
-fn load_gguf(model: &Path, mmproj: &Path) -> Result<Vlm> {
+fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
     let text = Arc::new(GgufFile::open(model)?);
     let proj = Arc::new(GgufFile::open(mmproj)?);
     let arch = text.architecture()?.to_string();
@@ -275,7 +315,12 @@ fn load_gguf(model: &Path, mmproj: &Path) -> Result<Vlm> {
         std: f32x3(&proj, "clip.vision.image_std")?,
     };
     let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let llava = Llava::load_gguf(text, proj)?;
+    // An mmproj stored in 16 bits has already given up f32 precision.
+    let sixteen_bit = proj
+        .tensor_infos()
+        .filter(|t| t.shape.len() == 2)
+        .all(|t| matches!(t.dtype, Some(GgmlDType::F16 | GgmlDType::BF16)));
+    let llava = Llava::load_gguf(text, proj, vision.bf16(sixteen_bit))?;
     Ok(Vlm {
         model: llava,
         tokenizer,

@@ -17,7 +17,7 @@ fn read_f32(path: &Path) -> Vec<f32> {
 
 /// Relative L2 error of the first-step logits, and whether the top token agrees.
 fn logit_error(isq: Option<Isq>) -> (f32, bool) {
-    let vlm = Vlm::load_with(&fixtures().join("tiny-llava-hub"), None, &LoadOptions { isq }).unwrap();
+    let vlm = Vlm::load_with(&fixtures().join("tiny-llava-hub"), None, &LoadOptions { isq, ..Default::default() }).unwrap();
     let msgs = vec![Message::user_with_images("What is in this image?", vec![ImageInput::Path(fixtures().join("images/square-64x64.png"))])];
     let prompt = vlm.build_prompt(&msgs).unwrap();
     let pixels = vlm.load_pixels(&msgs, &ImageLimits::default()).unwrap();
@@ -52,7 +52,7 @@ fn quantized_at_load_stays_close_to_float() {
 #[test]
 fn isq_on_a_gguf_is_refused() {
     let dir = fixtures().join("gguf");
-    let err = Vlm::load_with(&dir.join("tiny-llava-F16.gguf"), Some(&dir.join("mmproj-tiny-llava-F16.gguf")), &LoadOptions { isq: Some(Isq::Q4K) })
+    let err = Vlm::load_with(&dir.join("tiny-llava-F16.gguf"), Some(&dir.join("mmproj-tiny-llava-F16.gguf")), &LoadOptions { isq: Some(Isq::Q4K), ..Default::default() })
         .err()
         .expect("refused");
     assert!(err.to_string().contains("--isq"), "{err}");

@@ -22,6 +22,8 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 mod act;
+mod attention;
+mod bf16;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -32,6 +34,8 @@ mod avx512;
 mod gemm512;
 
 use act::{Act, Layout};
+pub use attention::{attention, attention_with, AttnShape, KvElem};
+pub use bf16::{bf16_bits, bf16_to_f32, PackedBf16};
 
 /// The GGML weight types seer multiplies with its own kernels.
 #[allow(non_camel_case_types)]

@@ -1,17 +1,39 @@
-//! Keys and values of the positions a sequence has seen, one pair per decoder layer.
-//! Buffers grow by doubling and are written in place, so a decode step copies only the
-//! new position.
+//! Keys and values of the positions a sequence has seen, one pair per decoder layer, laid
+//! out for seer-kernels' attention: `[kv_heads, capacity, head_dim]`, so each head's
+//! positions are contiguous and a decode step writes only the new position. Buffers grow
+//! by doubling. Quantized models keep f16 (as llama.cpp does by default: half the memory
+//! traffic per token); float models keep f32, exactly as their reference computes.
 
-use candle_core::{Result, Tensor};
+use half::f16;
+use seer_kernels::{AttnShape, KvElem};
+
+/// The element type of a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+enum Buffers {
+    F32(Vec<f32>, Vec<f32>),
+    F16(Vec<f16>, Vec<f16>),
+}
 
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Buffers>,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
     len: usize,
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: (0..n_layers).map(|_| None).collect(), len: 0 }
+    pub fn new(n_layers: usize, kv_heads: usize, head_dim: usize, dtype: KvType) -> Self {
+        let empty = || match dtype {
+            KvType::F32 => Buffers::F32(Vec::new(), Vec::new()),
+            KvType::F16 => Buffers::F16(Vec::new(), Vec::new()),
+        };
+        KvCache { layers: (0..n_layers).map(|_| empty()).collect(), kv_heads, head_dim, capacity: 0, len: 0 }
     }
 
     /// Positions already stored.
@@ -23,40 +45,89 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Stores `k`, `v` (`[b, kv_heads, t, d]`) after the current positions of `layer` and
-    /// returns views of all positions so far. Call [`KvCache::advance`] once every layer
-    /// has appended.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        let need = self.len + t;
-        let slot = &mut self.layers[layer];
-        let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
-        if need > capacity {
-            let new_cap = need.max(capacity * 2).max(64);
-            let grow = |old: Option<&Tensor>, new: &Tensor| -> Result<Tensor> {
-                let (b, h, _, d) = new.dims4()?;
-                let buf = Tensor::zeros((b, h, new_cap, d), new.dtype(), new.device())?;
-                if let Some(old) = old {
-                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                }
-                Ok(buf)
-            };
-            let kb = grow(slot.as_ref().map(|p| &p.0), k)?;
-            let vb = grow(slot.as_ref().map(|p| &p.1), v)?;
-            *slot = Some((kb, vb));
+    pub fn dtype(&self) -> KvType {
+        match self.layers.first() {
+            Some(Buffers::F16(..)) => KvType::F16,
+            _ => KvType::F32,
         }
-        let (kb, vb) = slot.as_ref().expect("buffer allocated above");
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+
+    /// Makes room for `need` positions in every layer.
+    fn reserve(&mut self, need: usize) {
+        if need <= self.capacity {
+            return;
+        }
+        let cap = need.max(self.capacity * 2).max(64);
+        let (old, h, d, len) = (self.capacity, self.kv_heads, self.head_dim, self.len);
+        for l in &mut self.layers {
+            match l {
+                Buffers::F32(k, v) => (regrow(k, h, d, old, cap, len), regrow(v, h, d, old, cap, len)),
+                Buffers::F16(k, v) => (regrow(k, h, d, old, cap, len), regrow(v, h, d, old, cap, len)),
+            };
+        }
+        self.capacity = cap;
+    }
+
+    /// Stores `k` and `v` (`[t, kv_heads, head_dim]`, as the projections produce them)
+    /// after the current positions of `layer`. Call [`KvCache::advance`] once every layer
+    /// has appended.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let row = self.kv_heads * self.head_dim;
+        assert_eq!(k.len(), v.len(), "kv cache: keys and values differ in length");
+        assert!(k.len().is_multiple_of(row), "kv cache: {} values are not whole rows of {row}", k.len());
+        self.reserve(self.len + k.len() / row);
+        let (h, d, cap, len) = (self.kv_heads, self.head_dim, self.capacity, self.len);
+        match &mut self.layers[layer] {
+            Buffers::F32(kb, vb) => (scatter(kb, k, h, d, cap, len), scatter(vb, v, h, d, cap, len)),
+            Buffers::F16(kb, vb) => (scatter(kb, k, h, d, cap, len), scatter(vb, v, h, d, cap, len)),
+        };
+    }
+
+    /// Attention of `q` (`[t, heads, head_dim]`, the last `t` of the positions stored in
+    /// `layer`, appended but not yet advanced past) into `out` (same shape).
+    pub fn attend(&self, layer: usize, q: &[f32], heads: usize, causal: bool, out: &mut [f32]) {
+        let t = q.len() / (heads * self.head_dim);
+        let s = AttnShape {
+            t,
+            heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            kv_len: self.len + t,
+            kv_stride: self.capacity,
+            causal,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        };
+        match &self.layers[layer] {
+            Buffers::F32(k, v) => seer_kernels::attention(&s, q, k, v, out),
+            Buffers::F16(k, v) => seer_kernels::attention(&s, q, k, v, out),
+        }
     }
 
     pub fn advance(&mut self, t: usize) {
         self.len += t;
     }
 
+    /// Forgets every position; the buffers stay allocated for the next sequence.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
+    }
+}
+
+/// Moves each head's first `len` positions from capacity `old` to `cap`.
+fn regrow<T: KvElem>(buf: &mut Vec<T>, heads: usize, d: usize, old: usize, cap: usize, len: usize) {
+    let mut new = vec![T::default(); heads * cap * d];
+    for h in 0..heads {
+        new[h * cap * d..][..len * d].copy_from_slice(&buf[h * old * d..][..len * d]);
+    }
+    *buf = new;
+}
+
+/// Writes rows `[t, heads, d]` at positions `len..len + t` of `[heads, cap, d]`.
+fn scatter<T: KvElem>(buf: &mut [T], src: &[f32], heads: usize, d: usize, cap: usize, len: usize) {
+    for (i, row) in src.chunks_exact(heads * d).enumerate() {
+        for (h, x) in row.chunks_exact(d).enumerate() {
+            let at = (h * cap + len + i) * d;
+            buf[at..at + d].iter_mut().zip(x).for_each(|(o, &x)| *o = T::from_f32(x));
+        }
     }
 }

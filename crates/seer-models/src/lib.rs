@@ -16,4 +16,4 @@ pub mod llava;
 pub mod weights;
 
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvType};

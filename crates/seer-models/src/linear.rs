@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
-use seer_kernels::QuantType;
+use seer_kernels::{PackedBf16, QuantType};
 
 use crate::gguf::MappedBytes;
 
@@ -18,6 +18,8 @@ pub enum LinearWeight {
     Ggml(Arc<QuantMatrix>),
     /// Other GGML types, through candle's kernels.
     Quantized(QMatMul),
+    /// `[out, in]` rounded to bf16 and packed for seer-kernels' AVX512-BF16 product.
+    Bf16(Arc<PackedBf16>),
 }
 
 impl LinearWeight {
@@ -168,6 +170,11 @@ impl Linear {
         Linear { weight, bias }
     }
 
+    /// Whether the weight is held in a quantized (GGML) type rather than as floats.
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self.weight, LinearWeight::Dense(_))
+    }
+
     /// `x` is `[..., in]`; the result is `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -182,10 +189,44 @@ impl Linear {
             }
             LinearWeight::Ggml(w) => w.forward(x)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
+            LinearWeight::Bf16(w) => {
+                let dtype = x.dtype();
+                let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+                x.apply_op1_no_bwd(&Bf16MatMul(w.clone()))?.to_dtype(dtype)?
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// `x · Wᵀ` in bf16 through seer-kernels, reading candle's storage in place.
+struct Bf16MatMul(Arc<PackedBf16>);
+
+impl CustomOp1 for Bf16MatMul {
+    fn name(&self) -> &'static str {
+        "seer-bf16-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = self.0.dims();
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("seer-bf16-matmul: f32 input expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("seer-bf16-matmul: input is not contiguous");
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == cols => *last = rows,
+            _ => candle_core::bail!("seer-bf16-matmul: input {:?} against a [{rows}, {cols}] weight", layout.shape()),
+        }
+        let x = &data[start..end];
+        let n = x.len() / cols.max(1);
+        let mut out = vec![0f32; n * rows];
+        self.0.matmul(x, n, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvType};
 use crate::layers::{Embedding, RmsNorm};
 use crate::linear::Linear;
 use crate::weights::{GgufNames, Vb};
@@ -157,49 +157,24 @@ impl Attention {
     }
 
     /// `x` is `[1, t, hidden]`; the cache holds the keys and values of earlier positions.
+    /// Queries and keys stay in the projections' `[t, heads, head_dim]` layout throughout:
+    /// rotary embedding in place, keys and values appended to the cache, attention read
+    /// from it by seer-kernels.
     fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let rows = |y: Tensor| y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let pos = cache.len();
-        let q = rope.apply(&split(self.q_proj.forward(x)?, self.heads)?, pos)?;
-        let k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, pos)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
-        let y = grouped_attention(&q, &k, &v, pos)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        let mut q = rows(self.q_proj.forward(x)?)?;
+        let mut k = rows(self.k_proj.forward(x)?)?;
+        let v = rows(self.v_proj.forward(x)?)?;
+        rope.apply(&mut q, self.heads, self.head_dim, pos);
+        rope.apply(&mut k, self.kv_heads, self.head_dim, pos);
+        cache.append(layer, &k, &v);
+        let mut y = vec![0f32; q.len()];
+        cache.attend(layer, &q, self.heads, true, &mut y);
+        let y = Tensor::from_vec(y, (b, t, self.heads * self.head_dim), x.device())?;
         Ok(self.o_proj.forward(&y)?)
     }
-}
-
-/// Causal attention where each group of query heads shares one key/value head.
-/// The query heads of a group are stacked along the sequence axis instead of copying the
-/// keys and values once per head. `q` is `[1, h, t, d]`, `k`/`v` are `[1, kvh, T, d]`
-/// with the `t` queries at positions `offset..offset + t` of the `T`.
-fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let (_, kvh, total, _) = k.dims4()?;
-    let groups = h / kvh;
-    let q = q.reshape((b * kvh, groups * t, d))?;
-    let k = k.reshape((b * kvh, total, d))?;
-    let v = v.reshape((b * kvh, total, d))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-    let scores = if t > 1 {
-        let mask = causal_mask(t, total, offset, groups, q.device())?;
-        scores.broadcast_add(&mask)?
-    } else {
-        scores
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(&v)?.reshape((b, h, t, d))
-}
-
-/// `[groups * t, total]`: 0 where query row may see the key, -inf where it may not.
-fn causal_mask(t: usize, total: usize, offset: usize, groups: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let row: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    let mask = Tensor::from_vec(row, (1, t, total), dev)?;
-    mask.repeat((groups, 1, 1))?.reshape((groups * t, total))
 }
 
 struct Mlp {
@@ -251,8 +226,9 @@ impl Block {
 
 /// Rotary position embeddings: cos/sin tables computed once for every position.
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    /// `[positions, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     style: RopeStyle,
 }
 
@@ -263,20 +239,25 @@ impl Rope {
             .map(|i| 1.0 / (c.rope_theta as f32).powf(2.0 * i as f32 / c.head_dim as f32))
             .collect();
         let n = c.max_position_embeddings;
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &Device::Cpu)?;
-        let pos = Tensor::arange(0u32, n as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((n, 1))?;
-        let freqs = pos.matmul(&inv_freq)?;
-        Ok(Rope { cos: freqs.cos()?, sin: freqs.sin()?, style: c.rope_style })
+        let freqs: Vec<f32> = (0..n).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
+        Ok(Rope { cos: freqs.iter().map(|x| x.cos()).collect(), sin: freqs.iter().map(|x| x.sin()).collect(), style: c.rope_style })
     }
 
-    /// `x` is `[b, heads, t, d]` for positions `pos..pos + t`.
-    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        match self.style {
-            RopeStyle::Half => candle_nn::rotary_emb::rope(x, &cos, &sin),
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
+    /// Rotates `x` (`[t, heads, d]`, positions `pos..pos + t`) in place.
+    fn apply(&self, x: &mut [f32], heads: usize, d: usize, pos: usize) {
+        let half = d / 2;
+        for (r, head) in x.chunks_exact_mut(d).enumerate() {
+            let p = pos + r / heads;
+            let (cos, sin) = (&self.cos[p * half..][..half], &self.sin[p * half..][..half]);
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::Half => (i, i + half),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
         }
     }
 }
@@ -288,6 +269,9 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     pub config: LlamaConfig,
+    /// What the KV cache holds: f16 when the weights are quantized (llama.cpp's default,
+    /// and half the memory read per token), f32 when they are floats; callers may override.
+    pub kv_dtype: KvType,
 }
 
 impl Llama {
@@ -304,7 +288,9 @@ impl Llama {
         } else {
             embed_tokens.as_linear()?
         };
+        let quantized = layers.first().is_some_and(|l: &Block| l.self_attn.q_proj.is_quantized());
         Ok(Llama {
+            kv_dtype: if quantized { KvType::F16 } else { KvType::F32 },
             embed_tokens,
             layers,
             norm: RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
@@ -315,7 +301,8 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        let c = &self.config;
+        KvCache::new(self.layers.len(), c.num_key_value_heads, c.head_dim, self.kv_dtype)
     }
 
     /// `ids` → `[n, hidden]` embeddings.

@@ -114,8 +114,9 @@ pub struct Llava {
 impl Llava {
     /// From a Hugging Face folder whose `config.json` has been parsed into `config`.
     /// `isq` quantizes the language model's matrices as they load; the vision tower and
-    /// projector stay in f32 (they are a small part of the weights and run once per image).
-    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<GgmlDType>) -> Result<Self> {
+    /// projector stay dense (a small part of the weights, run once per image), in f32, or
+    /// in bf16 with `vision_bf16`.
+    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<GgmlDType>, vision_bf16: bool) -> Result<Self> {
         let c = LlavaConfig::from_hf(config)?;
         let text = find_prefix(&*src, &TEXT_PREFIXES, "embed_tokens.weight")?;
         let vision = find_prefix(&*src, &VISION_PREFIXES, "embeddings.patch_embedding.weight")?;
@@ -125,15 +126,16 @@ impl Llava {
         let root = Vb::new(src);
         let at = |prefix: &str| if prefix.is_empty() { root.clone() } else { root.pp(prefix) };
         Ok(Llava {
-            vision_tower: ClipVisionTransformer::load(&at(vision), &c.vision)?,
-            projector: Projector::load(&at(projector), &c)?,
+            vision_tower: ClipVisionTransformer::load(&at(vision).with_bf16(vision_bf16), &c.vision)?,
+            projector: Projector::load(&at(projector).with_bf16(vision_bf16), &c)?,
             language_model: Llama::load(&at(text).with_isq(isq), &at(lm_head).with_isq(isq), &c.text)?,
             config: c,
         })
     }
 
-    /// From a llama.cpp text model and its LLaVA projector file.
-    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>) -> Result<Self> {
+    /// From a llama.cpp text model and its LLaVA projector file; `vision_bf16` runs the
+    /// projector file's matrices in bf16.
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
         check_projector_type(&mmproj)?;
         let text_cfg = LlamaConfig::from_gguf(&text)?;
         let vision = ClipVisionConfig::from_gguf(&mmproj)?;
@@ -159,8 +161,8 @@ impl Llava {
         let projector_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| PROJECTOR_GGUF_NAMES.map(n)))));
         let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n)))));
         Ok(Llava {
-            vision_tower: ClipVisionTransformer::load(&vision_vb, &c.vision)?,
-            projector: Projector::load(&projector_vb, &c)?,
+            vision_tower: ClipVisionTransformer::load(&vision_vb.with_bf16(vision_bf16), &c.vision)?,
+            projector: Projector::load(&projector_vb.with_bf16(vision_bf16), &c)?,
             language_model: Llama::load(&text_vb, &text_vb, &c.text)?,
             config: c,
         })

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::linear::{quant_type, Linear, LinearWeight, QuantMatrix};
+use seer_kernels::PackedBf16;
 
 /// A weight as stored: dense (upcast to f32) or in a ggml quantized type.
 pub enum Stored {
@@ -41,16 +42,25 @@ pub struct Vb {
     /// In-situ quantization: dense matrices read through this view are quantized to
     /// this type as they load (one tensor at a time, so two full copies never coexist).
     isq: Option<GgmlDType>,
+    /// Dense matrices read through this view are rounded to bf16 and multiplied by the
+    /// AVX512-BF16 kernel (vision towers whose weights ship in 16 bits anyway).
+    bf16: bool,
 }
 
 impl Vb {
     pub fn new(src: Arc<dyn TensorSource>) -> Self {
-        Vb { src, prefix: String::new(), isq: None }
+        Vb { src, prefix: String::new(), isq: None, bf16: false }
     }
 
     /// The same view with in-situ quantization of its matrices to `isq`.
     pub fn with_isq(&self, isq: Option<GgmlDType>) -> Vb {
         Vb { isq, ..self.clone() }
+    }
+
+    /// The same view with its dense matrices in bf16 (ignored where the CPU lacks
+    /// AVX512-BF16).
+    pub fn with_bf16(&self, bf16: bool) -> Vb {
+        Vb { bf16: bf16 && PackedBf16::available(), ..self.clone() }
     }
 
     /// Descends one level: `vb.pp("layers").pp(3)` names `layers.3.*`.
@@ -60,7 +70,7 @@ impl Vb {
         } else {
             format!("{}.{part}", self.prefix)
         };
-        Vb { src: self.src.clone(), prefix, isq: self.isq }
+        Vb { prefix, ..self.clone() }
     }
 
     fn full(&self, name: &str) -> String {
@@ -126,6 +136,10 @@ impl Vb {
         let weight = match self.src.load(&name)? {
             Stored::Dense(t) => match isq_type(self.isq, in_dim) {
                 Some(dtype) => LinearWeight::quantized(QTensor::quantize(&t, dtype)?)?,
+                None if self.bf16 => {
+                    let w = t.flatten_all()?.to_vec1::<f32>()?;
+                    LinearWeight::Bf16(Arc::new(PackedBf16::pack(&w, out_dim, in_dim)))
+                }
                 None => LinearWeight::Dense(t),
             },
             Stored::Ggml(q) => LinearWeight::Ggml(Arc::new(q)),

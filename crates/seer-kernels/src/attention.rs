@@ -1,0 +1,428 @@
+//! Attention read in place from a key/value cache: for each query row and head,
+//! `softmax(q·kᵀ·scale)·v`, causal or not, with the keys and values held as f32 or f16.
+//!
+//! The cache keeps each key/value head's positions contiguous (`[kv_heads, stride, d]`), so
+//! a head's keys stream from memory once per query block and nothing is copied or
+//! transposed first; grouped-query heads read their shared head directly. One task is one
+//! query head over a block of query rows; tasks are claimed dynamically, which evens out
+//! the causal triangle's uneven rows.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use crate::{executor, isa, Isa, OutPtr};
+
+/// What a key/value cache may hold.
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// Stored as IEEE half precision (converted with F16C on x86).
+    const F16: bool;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const F16: bool = false;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    const F16: bool = true;
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// The shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Query rows.
+    pub t: usize,
+    pub heads: usize,
+    /// Key/value heads; each serves `heads / kv_heads` query heads.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Keys visible to the last query row.
+    pub kv_len: usize,
+    /// Positions from one key/value head to the next in the cache (its capacity).
+    pub kv_stride: usize,
+    /// Query row `i` sees keys `..kv_len - t + i + 1` (the rows are the last `t` positions);
+    /// otherwise every row sees all `kv_len` keys.
+    pub causal: bool,
+    pub scale: f32,
+}
+
+/// Query rows per task.
+const QUERY_BLOCK: usize = 16;
+
+/// `q` is `[t, heads, head_dim]`, `k` and `v` are `[kv_heads, kv_stride, head_dim]`, `out`
+/// is `[t, heads, head_dim]`, all row-major.
+pub fn attention<T: KvElem>(s: &AttnShape, q: &[f32], k: &[T], v: &[T], out: &mut [f32]) {
+    attention_with(isa(), s, q, k, v, out)
+}
+
+/// [`attention`] on a given path, which must be available on this CPU.
+pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v: &[T], out: &mut [f32]) {
+    let d = s.head_dim;
+    assert!(isa.is_available(), "seer-kernels: this CPU cannot run the {} path", isa.name());
+    assert!(s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads), "attention: {} heads over {} kv heads", s.heads, s.kv_heads);
+    assert!(s.kv_len <= s.kv_stride, "attention: {} keys in a cache of {}", s.kv_len, s.kv_stride);
+    assert!(!s.causal || s.t <= s.kv_len, "attention: {} causal rows over {} keys", s.t, s.kv_len);
+    assert!(q.len() >= s.t * s.heads * d && out.len() >= s.t * s.heads * d, "attention: q or out too short");
+    let cache = s.kv_heads * s.kv_stride * d;
+    assert!(k.len() >= cache && v.len() >= cache, "attention: cache too short");
+    if s.t == 0 || s.heads == 0 || d == 0 {
+        return;
+    }
+    if s.kv_len == 0 {
+        out[..s.t * s.heads * d].fill(0.0);
+        return;
+    }
+    let blocks = s.t.div_ceil(QUERY_BLOCK);
+    let tasks = s.heads * blocks;
+    let out = OutPtr(out.as_mut_ptr());
+    let task = |range: Range<usize>| {
+        thread_local! {
+            static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        SCORES.with(|cell| {
+            let mut own = Vec::new();
+            let mut guard = cell.try_borrow_mut();
+            let scores = match guard.as_deref_mut() {
+                Ok(v) => v,
+                Err(_) => &mut own,
+            };
+            if scores.len() < s.kv_len {
+                scores.resize(s.kv_len, 0.0);
+            }
+            for task in range {
+                // Heads vary fastest, so the first tasks spread over different heads.
+                let (h, b) = (task % s.heads, task / s.heads);
+                let g = h / (s.heads / s.kv_heads);
+                let (kh, vh) = (&k[g * s.kv_stride * d..], &v[g * s.kv_stride * d..]);
+                for i in b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(s.t) {
+                    let keys = if s.causal { s.kv_len - s.t + i + 1 } else { s.kv_len };
+                    let at = (i * s.heads + h) * d;
+                    // SAFETY: (i, h) pairs are disjoint across tasks; `out` holds t·heads·d.
+                    let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
+                    let o = unsafe { std::slice::from_raw_parts_mut(base.0.add(at), d) };
+                    row(isa, &q[at..at + d], &kh[..keys * d], &vh[..keys * d], s.scale, &mut scores[..keys], o);
+                }
+            }
+        })
+    };
+    let exec = executor();
+    let work = s.t * s.heads * s.kv_len * d;
+    if exec.threads <= 1 || tasks < 2 || work < 1 << 16 {
+        task(0..tasks);
+    } else {
+        (exec.run)(tasks, &task);
+    }
+}
+
+/// One query row of one head against `keys` rows of `k` and `v`.
+fn row<T: KvElem>(isa: Isa, q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let d = q.len();
+    match isa {
+        // SAFETY: the path is available (checked by the caller); slices hold keys·d values.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if d.is_multiple_of(16) => unsafe { x86::row512(q, k, v, scale, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 if d.is_multiple_of(8) => unsafe { x86::row256(q, k, v, scale, scores, out) },
+        _ => row_scalar(q, k, v, scale, scores, out),
+    }
+}
+
+fn row_scalar<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let d = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (s, kr) in scores.iter_mut().zip(k.chunks_exact(d)) {
+        *s = q.iter().zip(kr).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (&p, vr) in scores.iter().zip(v.chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += p * x.to_f32();
+        }
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::KvElem;
+
+    #[inline(always)]
+    unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
+        if T::F16 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load8<T: KvElem>(p: *const T) -> __m256 {
+        if T::F16 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+
+    /// eˣ for x ≤ 0 (softmax arguments), within 2 ulp: 2ⁿ·p(r) with r = x − n·ln 2.
+    #[inline(always)]
+    unsafe fn exp512(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// As [`exp512`], eight lanes; 2ⁿ is built in the exponent bits.
+    #[inline(always)]
+    unsafe fn exp256(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// `head_dim` a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn row512<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        let d = q.len();
+        let keys = scores.len();
+        let (qp, kp, vp, sp, op) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..keys {
+            let kr = kp.add(j * d);
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut c = 0;
+            while c + 32 <= d {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c)), load16(kr.add(c)), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c + 16)), load16(kr.add(c + 16)), a1);
+                c += 32;
+            }
+            if c < d {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c)), load16(kr.add(c)), a0);
+            }
+            let s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            *sp.add(j) = s;
+            max = max.max(s);
+        }
+        let mv = _mm512_set1_ps(max);
+        let mut sum = _mm512_setzero_ps();
+        let mut j = 0;
+        while j < keys {
+            let m: __mmask16 = if keys - j >= 16 { 0xffff } else { (1u16 << (keys - j)) - 1 };
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sp.add(j)), mv));
+            _mm512_mask_storeu_ps(sp.add(j), m, e);
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+            j += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        // The weighted sum of values, eight registers of the output at a time.
+        let mut c0 = 0;
+        while c0 < d {
+            let n = ((d - c0) / 16).min(8);
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for j in 0..keys {
+                let p = _mm512_set1_ps(*sp.add(j));
+                let vr = vp.add(j * d + c0);
+                for (r, a) in acc.iter_mut().enumerate().take(n) {
+                    *a = _mm512_fmadd_ps(p, load16(vr.add(16 * r)), *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(n) {
+                _mm512_storeu_ps(op.add(c0 + 16 * r), _mm512_mul_ps(*a, inv));
+            }
+            c0 += 16 * n;
+        }
+    }
+
+    /// `head_dim` a multiple of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row256<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        let d = q.len();
+        let keys = scores.len();
+        let (qp, kp, vp, sp, op) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..keys {
+            let kr = kp.add(j * d);
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c + 16 <= d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), load8(kr.add(c)), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c + 8)), load8(kr.add(c + 8)), a1);
+                c += 16;
+            }
+            if c < d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), load8(kr.add(c)), a0);
+            }
+            let s = hsum256(_mm256_add_ps(a0, a1)) * scale;
+            *sp.add(j) = s;
+            max = max.max(s);
+        }
+        let mv = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        let mut j = 0;
+        while j + 8 <= keys {
+            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sp.add(j)), mv));
+            _mm256_storeu_ps(sp.add(j), e);
+            sum = _mm256_add_ps(sum, e);
+            j += 8;
+        }
+        let mut total = hsum256(sum);
+        while j < keys {
+            let e = (*sp.add(j) - max).exp();
+            *sp.add(j) = e;
+            total += e;
+            j += 1;
+        }
+        let inv = _mm256_set1_ps(1.0 / total);
+        let mut c0 = 0;
+        while c0 < d {
+            let n = ((d - c0) / 8).min(8);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for j in 0..keys {
+                let p = _mm256_set1_ps(*sp.add(j));
+                let vr = vp.add(j * d + c0);
+                for (r, a) in acc.iter_mut().enumerate().take(n) {
+                    *a = _mm256_fmadd_ps(p, load8(vr.add(8 * r)), *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(n) {
+                _mm256_storeu_ps(op.add(c0 + 8 * r), _mm256_mul_ps(*a, inv));
+            }
+            c0 += 8 * n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain f64 attention to compare every path with.
+    fn reference<T: KvElem>(s: &AttnShape, q: &[f32], k: &[T], v: &[T]) -> Vec<f32> {
+        let d = s.head_dim;
+        let mut out = vec![0f32; s.t * s.heads * d];
+        for i in 0..s.t {
+            for h in 0..s.heads {
+                let g = h / (s.heads / s.kv_heads);
+                let keys = if s.causal { s.kv_len - s.t + i + 1 } else { s.kv_len };
+                let qr = &q[(i * s.heads + h) * d..][..d];
+                let at = |buf: &[T], j: usize, c: usize| buf[(g * s.kv_stride + j) * d + c].to_f32() as f64;
+                let sc: Vec<f64> = (0..keys)
+                    .map(|j| (0..d).map(|c| qr[c] as f64 * at(k, j, c)).sum::<f64>() * s.scale as f64)
+                    .collect();
+                let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for c in 0..d {
+                    let y: f64 = (0..keys).map(|j| e[j] * at(v, j, c)).sum::<f64>() / sum;
+                    out[(i * s.heads + h) * d + c] = y as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn check<T: KvElem>(s: AttnShape, seed: u64) {
+        let mut seed = seed;
+        let d = s.head_dim;
+        let q = rand_vec(s.t * s.heads * d, &mut seed);
+        let k: Vec<T> = rand_vec(s.kv_heads * s.kv_stride * d, &mut seed).into_iter().map(T::from_f32).collect();
+        let v: Vec<T> = rand_vec(s.kv_heads * s.kv_stride * d, &mut seed).into_iter().map(T::from_f32).collect();
+        let want = reference(&s, &q, &k, &v);
+        for isa in crate::available_isas() {
+            let mut got = vec![f32::NAN; want.len()];
+            attention_with(isa, &s, &q, &k, &v, &mut got);
+            let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 5e-5, "{isa:?} {s:?} f16={}: max error {err}", T::F16);
+        }
+    }
+
+    #[test]
+    fn matches_reference_on_ragged_shapes() {
+        let mut n = 0;
+        for (heads, kv_heads) in [(1, 1), (4, 4), (6, 2), (8, 1)] {
+            for d in [8, 16, 24, 64, 128, 136] {
+                for (t, kv_len, stride) in [(1, 1, 1), (1, 37, 64), (5, 5, 9), (19, 40, 40), (33, 33, 50)] {
+                    for causal in [true, false] {
+                        let s = AttnShape { t, heads, kv_heads, head_dim: d, kv_len, kv_stride: stride, causal, scale: 1.0 / (d as f32).sqrt() };
+                        check::<f32>(s, n);
+                        check::<half::f16>(s, n + 1000);
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_extremes_stay_finite() {
+        // One huge score: the output is that key's value; every path's exp must underflow
+        // cleanly for the others rather than produce NaN.
+        let s = AttnShape { t: 1, heads: 1, kv_heads: 1, head_dim: 16, kv_len: 20, kv_stride: 20, causal: false, scale: 1.0 };
+        let q = vec![10.0f32; 16];
+        let mut k = vec![-10.0f32; 20 * 16];
+        k[3 * 16..4 * 16].fill(10.0);
+        let v: Vec<f32> = (0..20 * 16).map(|i| (i / 16) as f32).collect();
+        for isa in crate::available_isas() {
+            let mut out = vec![0f32; 16];
+            attention_with(isa, &s, &q, &k, &v, &mut out);
+            assert!(out.iter().all(|&x| (x - 3.0).abs() < 1e-6), "{isa:?}: {out:?}");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Dense products in bfloat16 with f32 accumulation, on AVX512-BF16 (`vdpbf16ps`: twice
+//! the multiply-adds of f32 FMA per instruction), for vision towers and projectors whose
+//! weights ship as f16 or bf16 anyway.
+//!
+//! Weights are packed once, at load, into panels of 32 output columns whose pairs of
+//! consecutive inputs sit in one 32-bit lane, the operand layout `vdpbf16ps` wants; the
+//! packed copy replaces the f32 one, so it also halves the weights' memory. Activations are
+//! rounded to bf16 per call. Each task takes one panel and runs it against all activation
+//! rows, eight at a time, the panel staying in L2.
+
+use std::ops::Range;
+
+use crate::{executor, OutPtr};
+
+/// Output columns per panel (two registers of 16).
+const NR: usize = 32;
+/// Activation rows per tile.
+const MR: usize = 8;
+
+/// f32 → bf16 with round-to-nearest-even (what `vcvtne2ps2bf16` does); NaN stays NaN.
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// A `[n, k]` weight (row-major, one row per output) packed for [`PackedBf16::matmul`].
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    /// `[n / NR (rounded up)][k / 2 (rounded up)][NR]`: each u32 holds the bf16 weights of
+    /// inputs `2i` (low half) and `2i + 1` (high half) for one output column.
+    panels: Vec<u32>,
+}
+
+impl PackedBf16 {
+    /// Whether this CPU runs the kernel (AVX-512 F and BF16).
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Packs `w` (`n` rows of `k`), each value rounded to bf16.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert!(w.len() >= n * k, "bf16 pack: {n}×{k} weights, got {} values", w.len());
+        let pairs = k.div_ceil(2);
+        let mut panels = vec![0u32; n.div_ceil(NR) * pairs * NR];
+        let at = |r: usize, c: usize| if c < k { bf16_bits(w[r * k + c]) as u32 } else { 0 };
+        for r in 0..n {
+            let base = r / NR * pairs * NR + r % NR;
+            for p in 0..pairs {
+                panels[base + p * NR] = at(r, 2 * p) | (at(r, 2 * p + 1) << 16);
+            }
+        }
+        PackedBf16 { n, k, panels }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `out[i][j] = Σ_c x[i][c] · w[j][c]` for `m` rows of `x` (`m × k`), `out` `m × n`.
+    /// Panics unless [`PackedBf16::available`].
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert!(Self::available(), "bf16 matmul: this CPU lacks AVX512-BF16");
+        let (n, k, pairs) = (self.n, self.k, self.k.div_ceil(2));
+        assert!(x.len() >= m * k && out.len() >= m * n, "bf16 matmul: {m}×{k} in, {m}×{n} out");
+        if m == 0 || n == 0 {
+            return;
+        }
+        // Activations as bf16 pairs, padded with zero rows to whole tiles.
+        let rows = m.div_ceil(MR) * MR;
+        let mut a = vec![0u32; rows * pairs];
+        for (i, xr) in x[..m * k].chunks_exact(k.max(1)).enumerate() {
+            for (p, pair) in xr.chunks(2).enumerate() {
+                let hi = pair.get(1).map_or(0, |&v| bf16_bits(v) as u32);
+                a[i * pairs + p] = bf16_bits(pair[0]) as u32 | (hi << 16);
+            }
+        }
+        let out = OutPtr(out.as_mut_ptr());
+        let task = |panels: Range<usize>| {
+            let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
+            for p in panels {
+                let b = &self.panels[p * pairs * NR..][..pairs * NR];
+                let cols = (n - p * NR).min(NR);
+                for i0 in (0..m).step_by(MR) {
+                    // SAFETY: AVX512-BF16 was checked; tile (i0, p) is written by this task only.
+                    unsafe { x86::tile(&a[i0 * pairs..(i0 + MR) * pairs], pairs, b, base.0.add(i0 * n + p * NR), n, (m - i0).min(MR), cols) };
+                }
+            }
+        };
+        let tasks = n.div_ceil(NR);
+        let exec = executor();
+        if exec.threads <= 1 || tasks < 2 || m * n * k < 1 << 16 {
+            task(0..tasks);
+        } else {
+            (exec.run)(tasks, &task);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// One `MR × NR` tile over all `pairs`: `a` holds `MR` rows of `pairs` u32, `b` the
+    /// panel. Writes `rows × cols` of it at `c` (row stride `ldc`).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile(a: &[u32], pairs: usize, b: &[u32], c: *mut f32, ldc: usize, rows: usize, cols: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for p in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR) as *const __m512i));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16) as *const __m512i));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r * pairs + p) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u16 << cols) - 1 };
+        let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { (1u16 << (cols - 16)) - 1 } else { 0 };
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(c.add(r * ldc), m0, acc[0]);
+            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, acc[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
+    }
+
+    /// The kernel against an f64 product of the same bf16-rounded values, on ragged shapes.
+    #[test]
+    fn matches_reference_on_ragged_shapes() {
+        if !PackedBf16::available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let mut seed = 7u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (8, 32, 64), (9, 33, 65), (17, 70, 128), (577, 64, 96), (5, 1024, 1025)] {
+            let x = rnd(m * k);
+            let w = rnd(n * k);
+            let packed = PackedBf16::pack(&w, n, k);
+            let mut out = vec![f32::NAN; m * n];
+            packed.matmul(&x, m, &mut out);
+            let r = |v: f32| bf16_to_f32(bf16_bits(v)) as f64;
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|c| r(x[i * k + c]) * r(w[j * k + c])).sum();
+                    let got = out[i * n + j] as f64;
+                    assert!((want - got).abs() < 1e-4 * (k as f64).sqrt(), "{m}×{n}×{k} at ({i},{j}): {got} vs {want}");
+                }
+            }
+        }
+    }
+}
