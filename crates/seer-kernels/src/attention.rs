@@ -140,6 +140,24 @@ fn row<T: KvElem>(isa: Isa, q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mu
     }
 }
 
+/// `x ← softmax(x)`, with the vectorized exponential where the CPU has AVX-512.
+pub(crate) fn softmax_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: AVX-512 is available (`isa()` checked it).
+        unsafe { x86::softmax512(x) };
+        return;
+    }
+    let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 fn row_scalar<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     let d = q.len();
     let mut max = f32::NEG_INFINITY;
@@ -161,6 +179,9 @@ fn row_scalar<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [
     let inv = 1.0 / sum;
     out.iter_mut().for_each(|o| *o *= inv);
 }
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::exp512;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -188,7 +209,7 @@ mod x86 {
 
     /// eˣ for x ≤ 0 (softmax arguments), within 2 ulp: 2ⁿ·p(r) with r = x − n·ln 2.
     #[inline(always)]
-    unsafe fn exp512(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
         let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
@@ -226,6 +247,27 @@ mod x86 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn softmax512(x: &mut [f32]) {
+        let (n, p) = (x.len(), x.as_mut_ptr());
+        let mask = |j: usize| -> __mmask16 { if n - j >= 16 { 0xffff } else { (1u16 << (n - j)) - 1 } };
+        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..n).step_by(16) {
+            mv = _mm512_mask_max_ps(mv, mask(j), mv, _mm512_maskz_loadu_ps(mask(j), p.add(j)));
+        }
+        let mv = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        let mut sum = _mm512_setzero_ps();
+        for j in (0..n).step_by(16) {
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(j), p.add(j)), mv));
+            _mm512_mask_storeu_ps(p.add(j), mask(j), e);
+            sum = _mm512_mask_add_ps(sum, mask(j), sum, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for j in (0..n).step_by(16) {
+            _mm512_mask_storeu_ps(p.add(j), mask(j), _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(j), p.add(j)), inv));
+        }
     }
 
     /// `head_dim` a multiple of 16.

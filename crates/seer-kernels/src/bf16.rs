@@ -53,9 +53,14 @@ impl PackedBf16 {
     /// Packs `w` (`n` rows of `k`), each value rounded to bf16.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert!(w.len() >= n * k, "bf16 pack: {n}×{k} weights, got {} values", w.len());
+        Self::pack_with(n, k, |r, c| w[r * k + c])
+    }
+
+    /// Packs the `n × k` matrix whose element `(r, c)` is `at(r, c)`.
+    pub fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> Self {
         let pairs = k.div_ceil(2);
         let mut panels = vec![0u32; n.div_ceil(NR) * pairs * NR];
-        let at = |r: usize, c: usize| if c < k { bf16_bits(w[r * k + c]) as u32 } else { 0 };
+        let at = |r: usize, c: usize| if c < k { bf16_bits(at(r, c)) as u32 } else { 0 };
         for r in 0..n {
             let base = r / NR * pairs * NR + r % NR;
             for p in 0..pairs {
@@ -69,9 +74,14 @@ impl PackedBf16 {
         (self.n, self.k)
     }
 
-    /// `out[i][j] = Σ_c x[i][c] · w[j][c]` for `m` rows of `x` (`m × k`), `out` `m × n`.
-    /// Panics unless [`PackedBf16::available`].
+    /// `out[i][j] = Σ_c x[i][c] · w[j][c]` for `m` rows of `x` (`m × k`), `out` `m × n`,
+    /// spread over the executor's threads. Panics unless [`PackedBf16::available`].
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_on(x, m, out, true)
+    }
+
+    /// [`PackedBf16::matmul`], on the calling thread alone unless `parallel`.
+    pub fn matmul_on(&self, x: &[f32], m: usize, out: &mut [f32], parallel: bool) {
         assert!(Self::available(), "bf16 matmul: this CPU lacks AVX512-BF16");
         let (n, k, pairs) = (self.n, self.k, self.k.div_ceil(2));
         assert!(x.len() >= m * k && out.len() >= m * n, "bf16 matmul: {m}×{k} in, {m}×{n} out");
@@ -101,11 +111,47 @@ impl PackedBf16 {
         };
         let tasks = n.div_ceil(NR);
         let exec = executor();
-        if exec.threads <= 1 || tasks < 2 || m * n * k < 1 << 16 {
+        if !parallel || exec.threads <= 1 || tasks < 2 || m * n * k < 1 << 16 {
             task(0..tasks);
         } else {
             (exec.run)(tasks, &task);
         }
+    }
+}
+
+/// Attention among `t` tokens with every token seeing every other (vision towers), its two
+/// products in bf16: `q`, `k`, `v` and `out` are `[t, heads, d]`, as the projections
+/// produce them. One task per head; the scores are a `t × t` f32 matrix per task, with the
+/// softmax in f32. Panics unless [`PackedBf16::available`].
+pub fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, d: usize, scale: f32, out: &mut [f32]) {
+    assert!(PackedBf16::available(), "bf16 attention: this CPU lacks AVX512-BF16");
+    let len = t * heads * d;
+    assert!(q.len() >= len && k.len() >= len && v.len() >= len && out.len() >= len, "bf16 attention: [{t}, {heads}, {d}] inputs");
+    let at = |x: &[f32], i: usize, h: usize, c: usize| x[(i * heads + h) * d + c];
+    let out = OutPtr(out.as_mut_ptr());
+    let task = |hs: Range<usize>| {
+        let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
+        let mut qh = vec![0f32; t * d];
+        let mut scores = vec![0f32; t * t];
+        let mut y = vec![0f32; t * d];
+        for h in hs {
+            for (i, row) in qh.chunks_exact_mut(d).enumerate() {
+                row.iter_mut().enumerate().for_each(|(c, o)| *o = at(q, i, h, c) * scale);
+            }
+            PackedBf16::pack_with(t, d, |j, c| at(k, j, h, c)).matmul_on(&qh, t, &mut scores, false);
+            scores.chunks_exact_mut(t).for_each(crate::attention::softmax_in_place);
+            PackedBf16::pack_with(d, t, |c, j| at(v, j, h, c)).matmul_on(&scores, t, &mut y, false);
+            for (i, row) in y.chunks_exact(d).enumerate() {
+                // SAFETY: head h's columns of every row are written by this task only.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), base.0.add((i * heads + h) * d), d) };
+            }
+        }
+    };
+    let exec = executor();
+    if exec.threads <= 1 || heads < 2 {
+        task(0..heads);
+    } else {
+        (exec.run)(heads, &task);
     }
 }
 
@@ -151,6 +197,43 @@ mod tests {
         assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
         assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
         assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
+    }
+
+    #[test]
+    fn attention_matches_f64_within_bf16_rounding() {
+        if !PackedBf16::available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let (t, heads, d) = (37, 3, 24);
+        let mut seed = 11u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (rnd(t * heads * d), rnd(t * heads * d), rnd(t * heads * d));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![f32::NAN; t * heads * d];
+        attention_bf16(&q, &k, &v, t, heads, d, scale, &mut out);
+        let at = |x: &[f32], i: usize, h: usize, c: usize| x[(i * heads + h) * d + c] as f64;
+        for h in 0..heads {
+            for i in 0..t {
+                let s: Vec<f64> = (0..t).map(|j| (0..d).map(|c| at(&q, i, h, c) * at(&k, j, h, c)).sum::<f64>() * scale as f64).collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for c in 0..d {
+                    let want = (0..t).map(|j| e[j] * at(&v, j, h, c)).sum::<f64>() / sum;
+                    let got = out[(i * heads + h) * d + c] as f64;
+                    // Inputs and probabilities rounded to 8 significant bits.
+                    assert!((want - got).abs() < 2e-2, "({i},{h},{c}): {got} vs {want}");
+                }
+            }
+        }
     }
 
     /// The kernel against an f64 product of the same bf16-rounded values, on ragged shapes.

@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 mod act;
 mod attention;
 mod bf16;
+mod pointwise;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -35,7 +36,8 @@ mod gemm512;
 
 use act::{Act, Layout};
 pub use attention::{attention, attention_with, AttnShape, KvElem};
-pub use bf16::{bf16_bits, bf16_to_f32, PackedBf16};
+pub use pointwise::quick_gelu;
+pub use bf16::{attention_bf16, bf16_bits, bf16_to_f32, PackedBf16};
 
 /// The GGML weight types seer multiplies with its own kernels.
 #[allow(non_camel_case_types)]

@@ -31,7 +31,7 @@ impl Activation {
 
     pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::QuickGelu => x.to_dtype(candle_core::DType::F32)?.contiguous()?.apply_op1_no_bwd(&QuickGelu),
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluTanh => x.gelu(),
         }
@@ -190,6 +190,9 @@ impl EncoderLayer {
     }
 
     fn attention(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.q_proj.is_bf16() {
+            return self.attention_bf16(x);
+        }
         let (b, n, hidden) = x.dims3()?;
         let d = hidden / self.heads;
         let split = |y: Tensor| y.reshape((b, n, self.heads, d))?.transpose(1, 2)?.contiguous();
@@ -199,6 +202,45 @@ impl EncoderLayer {
         let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, hidden))?;
         self.out_proj.forward(&y)
+    }
+}
+
+impl EncoderLayer {
+    /// The same attention with both products in bf16 (seer-kernels), for towers whose
+    /// matrices run in bf16 too; queries, keys and values stay in the projections' layout.
+    fn attention_bf16(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, hidden) = x.dims3()?;
+        let d = hidden / self.heads;
+        let rows = |y: Tensor| y.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (q, k, v) = (rows(self.q_proj.forward(x)?)?, rows(self.k_proj.forward(x)?)?, rows(self.v_proj.forward(x)?)?);
+        let mut y = vec![0f32; q.len()];
+        let per_image = n * hidden;
+        for i in 0..b {
+            let r = i * per_image..(i + 1) * per_image;
+            seer_kernels::attention_bf16(&q[r.clone()], &k[r.clone()], &v[r.clone()], n, self.heads, d, 1.0 / (d as f32).sqrt(), &mut y[r]);
+        }
+        self.out_proj.forward(&Tensor::from_vec(y, (b, n, hidden), x.device())?)
+    }
+}
+
+/// CLIP's `x · sigmoid(1.702 · x)` in one vectorized pass (seer-kernels).
+struct QuickGelu;
+
+impl candle_core::CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "seer-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("seer-quick-gelu: f32 input expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("seer-quick-gelu: input is not contiguous");
+        };
+        let mut out = vec![0f32; end - start];
+        seer_kernels::quick_gelu(&data[start..end], &mut out);
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 

@@ -175,6 +175,11 @@ impl Linear {
         !matches!(self.weight, LinearWeight::Dense(_))
     }
 
+    /// Whether the weight runs through the bf16 kernel.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.weight, LinearWeight::Bf16(_))
+    }
+
     /// `x` is `[..., in]`; the result is `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
