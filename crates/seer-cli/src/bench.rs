@@ -107,7 +107,7 @@ fn describe_once(vlm: &Vlm, image: &ImageInput, args: &BenchArgs) -> Result<Run>
 
 /// Text-only prefill of `n` arbitrary tokens on a fresh cache, in tokens per second.
 fn text_prefill(vlm: &Vlm, n: usize) -> Result<f64> {
-    let lm = &vlm.model.language_model;
+    let lm = vlm.model.language_model();
     let vocab = lm.config.vocab_size as u32;
     // A fixed spread of ids: what they are does not change the work.
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect();

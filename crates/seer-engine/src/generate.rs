@@ -12,7 +12,7 @@ use crate::chat::{Message, Part};
 use crate::error::{EngineError, Result};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::TextStream;
-use crate::vlm::{ImageSlot, Vlm};
+use crate::vlm::{ImageBatch, ImageSlot, Vlm};
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -126,7 +126,7 @@ impl Vlm {
         let text = self.render(messages)?;
         let n_images: usize = messages.iter().map(|m| m.images().count()).sum();
         let segments = match &self.image_slot {
-            ImageSlot::Token(id) => self.split_on_token(&text, *id)?,
+            ImageSlot::Token { id, per_block } => self.split_on_token(&text, *id, *per_block)?,
             ImageSlot::Marker(marker) => self.split_on_marker(&text, marker)?,
         };
         let slots = segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
@@ -147,7 +147,7 @@ impl Vlm {
     /// The text that stands for an image in a rendered prompt.
     fn image_marker(&self) -> String {
         match &self.image_slot {
-            ImageSlot::Token(id) => self.tokenizer.token_to_string(*id),
+            ImageSlot::Token { id, .. } => self.tokenizer.token_to_string(*id),
             ImageSlot::Marker(marker) => marker.clone(),
         }
     }
@@ -172,7 +172,7 @@ impl Vlm {
             }
             segments.push(Segment::Image(i));
         }
-        if let ImageSlot::Token(image_id) = self.image_slot {
+        if let ImageSlot::Token { id: image_id, .. } = self.image_slot {
             if ids.contains(&image_id) {
                 return Err(EngineError::BadRequest(format!(
                     "the prompt contains the image marker `{}`; send images in `images`",
@@ -235,22 +235,30 @@ impl Vlm {
         Ok(())
     }
 
-    /// Hugging Face processors tokenize the whole text; the image token marks each image.
-    fn split_on_token(&self, text: &str, image_token: u32) -> Result<Vec<Segment>> {
+    /// Hugging Face processors tokenize the whole text; every `per_block` image tokens
+    /// in a row mark one block of image features.
+    fn split_on_token(&self, text: &str, image_token: u32, per_block: usize) -> Result<Vec<Segment>> {
         let has_bos = self.tokenizer.bos_token.as_deref().is_some_and(|b| !b.is_empty() && text.starts_with(b));
         let ids = self.tokenizer.encode_with_specials(text, !has_bos)?;
         let mut segments = Vec::new();
         let mut run = Vec::new();
-        let mut image = 0;
+        let (mut block, mut in_block) = (0, 0);
         for id in ids {
-            if id == image_token {
-                if !run.is_empty() {
-                    segments.push(Segment::Tokens(std::mem::take(&mut run)));
+            if id != image_token {
+                if in_block != 0 {
+                    return Err(EngineError::Template(format!("an image block ended after {in_block} of its {per_block} image tokens")));
                 }
-                segments.push(Segment::Image(image));
-                image += 1;
-            } else {
                 run.push(id);
+                continue;
+            }
+            if !run.is_empty() {
+                segments.push(Segment::Tokens(std::mem::take(&mut run)));
+            }
+            in_block += 1;
+            if in_block == per_block {
+                segments.push(Segment::Image(block));
+                block += 1;
+                in_block = 0;
             }
         }
         if !run.is_empty() {
@@ -295,7 +303,7 @@ impl Vlm {
     }
 
     /// Loads, decodes and preprocesses every image of the conversation, in order.
-    pub fn load_pixels(&self, messages: &[Message], limits: &ImageLimits) -> Result<Tensor> {
+    pub fn load_pixels(&self, messages: &[Message], limits: &ImageLimits) -> Result<ImageBatch> {
         let pixels = messages
             .iter()
             .flat_map(|m| m.images())
@@ -313,9 +321,10 @@ impl Vlm {
             .collect::<Result<Vec<_>>>()?;
         let tensors = pixels
             .into_iter()
+            .flatten()
             .map(|p| Tensor::from_vec(p.data, (p.channels, p.height, p.width), &Device::Cpu))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&tensors, 0)?)
+        Ok(ImageBatch { pixels: Tensor::stack(&tensors, 0)? })
     }
 
     /// The decoder's input for the whole prompt, `[positions, hidden]`.
@@ -324,7 +333,7 @@ impl Vlm {
             .segments
             .iter()
             .map(|s| match s {
-                Segment::Tokens(ids) => self.model.language_model.embed(ids),
+                Segment::Tokens(ids) => self.model.language_model().embed(ids),
                 Segment::Image(i) => {
                     let f = image_features.expect("images were encoded when the prompt has image slots");
                     Ok(f.get(*i)?)
@@ -335,10 +344,10 @@ impl Vlm {
     }
 
     /// Logits for the token after the prompt, with the cache left holding the prompt.
-    pub fn prefill(&self, prompt: &Prompt, pixels: Option<&Tensor>, cache: &mut seer_models::KvCache, timings: &mut Timings) -> Result<Tensor> {
+    pub fn prefill(&self, prompt: &Prompt, images: Option<&ImageBatch>, cache: &mut seer_models::KvCache, timings: &mut Timings) -> Result<Tensor> {
         let start = Instant::now();
-        let features = match pixels {
-            Some(p) => Some(self.model.encode_images(p)?),
+        let features = match images {
+            Some(b) => Some(self.model.encode_images(b)?),
             None => None,
         };
         timings.image_encode_ms = ms(start);
@@ -353,7 +362,7 @@ impl Vlm {
             });
         }
         let start_prefill = Instant::now();
-        let logits = self.model.language_model.forward(&embeds, cache)?;
+        let logits = self.model.language_model().forward(&embeds, cache)?;
         timings.prefill_ms = ms(start_prefill);
         timings.prefill_tokens_per_s = positions as f64 / (timings.prefill_ms / 1e3);
         Ok(logits)
@@ -409,8 +418,8 @@ impl Vlm {
             if tokens.len() == req.max_tokens || cache.len() + 1 >= context {
                 break;
             }
-            let embed = self.model.language_model.embed(&[next])?;
-            logits = self.model.language_model.forward(&embed, &mut cache)?;
+            let lm = self.model.language_model();
+            logits = lm.forward(&lm.embed(&[next])?, &mut cache)?;
         }
         if finish != FinishReason::Cancelled && !stops.stopped {
             // Text held back for a possible stop string, or an unfinished character.

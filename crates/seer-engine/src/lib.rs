@@ -16,4 +16,4 @@ pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateRequest, Generation, Usage};
 pub use sampler::SamplingParams;
 pub use seer_models::KvType;
-pub use vlm::{Isq, LoadOptions, VisionDtype, Vlm};
+pub use vlm::{ImageBatch, Isq, LoadOptions, Model, VisionDtype, Vlm};

@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use seer_models::gguf::GgufFile;
+use candle_core::Tensor;
+use seer_models::llama::Llama;
 use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
-use seer_models::{KvType, ModelError};
+use seer_models::{KvCache, KvType, ModelError};
 use seer_vision::clip::{ClipProcessorConfig, Pixels};
 use serde_json::Value;
 
@@ -40,18 +42,20 @@ impl Preprocess {
         }
     }
 
-    pub fn apply(&self, img: &image::RgbImage) -> Pixels {
+    /// The blocks of pixels one image becomes (one, or one per tile).
+    pub fn apply(&self, img: &image::RgbImage) -> Vec<Pixels> {
         match self {
-            Preprocess::Hf(cfg) => seer_vision::clip::preprocess_hf(img, cfg),
-            Preprocess::LlamaCppLlava { size, mean, std } => seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std),
+            Preprocess::Hf(cfg) => vec![seer_vision::clip::preprocess_hf(img, cfg)],
+            Preprocess::LlamaCppLlava { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std)],
         }
     }
 }
 
 /// How the rendered prompt says "an image goes here".
 pub enum ImageSlot {
-    /// The template writes this token once per image (HF processors expand it).
-    Token(u32),
+    /// The (expanded) text holds `per_block` of this token for each block of image
+    /// features: once per image for LLaVA, one run per tile for Idefics3.
+    Token { id: u32, per_block: usize },
     /// The text carries a marker that is cut out; text around it is tokenized piecewise
     /// (llama.cpp's mtmd).
     Marker(String),
@@ -136,8 +140,58 @@ impl VisionDtype {
     }
 }
 
+/// The architectures behind one interface: what the request path needs of a model.
+pub enum Model {
+    Llava(Llava),
+}
+
+impl Model {
+    pub fn language_model(&self) -> &Llama {
+        match self {
+            Model::Llava(m) => &m.language_model,
+        }
+    }
+
+    fn language_model_mut(&mut self) -> &mut Llama {
+        match self {
+            Model::Llava(m) => &mut m.language_model,
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        self.language_model().new_cache()
+    }
+
+    /// Embeddings per block of image features (an image, or one tile of it).
+    pub fn block_tokens(&self) -> usize {
+        match self {
+            Model::Llava(m) => m.config.image_tokens(),
+        }
+    }
+
+    /// `[blocks, block_tokens, hidden]` for the blocks of `images`, in order.
+    pub fn encode_images(&self, images: &ImageBatch) -> seer_models::Result<Tensor> {
+        match self {
+            Model::Llava(m) => m.encode_images(&images.pixels),
+        }
+    }
+}
+
+/// Every image of a request, preprocessed: the pixels of each block (an image, or a tile
+/// of one) stacked in prompt order.
+pub struct ImageBatch {
+    /// `[blocks, 3, height, width]`.
+    pub pixels: Tensor,
+}
+
+impl ImageBatch {
+    pub fn blocks(&self) -> usize {
+        self.pixels.dim(0).unwrap_or(0)
+    }
+}
+
 pub struct Vlm {
-    pub model: Llava,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub image_parts: ImageParts,
@@ -183,17 +237,18 @@ impl Vlm {
 
     fn with_kv_cache(mut self, dtype: Option<KvType>) -> Self {
         if let Some(d) = dtype {
-            self.model.language_model.kv_dtype = d;
+            self.model.language_model_mut().kv_dtype = d;
         }
         self
     }
 
+    /// Embeddings per block of image features.
     pub fn image_tokens(&self) -> usize {
-        self.model.config.image_tokens()
+        self.model.block_tokens()
     }
 
     pub fn context_length(&self) -> usize {
-        self.model.language_model.context_length()
+        self.model.language_model().context_length()
     }
 
     pub fn render(&self, messages: &[Message]) -> Result<String> {
@@ -224,11 +279,11 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
         .or_else(|| tokenizer.token_to_id("<image>"))
         .ok_or_else(|| EngineError::Model(ModelError::Config("config.json names no image token".into())))?;
     Ok(Vlm {
-        model,
+        model: Model::Llava(model),
         tokenizer,
         template,
         image_parts: ImageParts::Structured,
-        image_slot: ImageSlot::Token(image_token),
+        image_slot: ImageSlot::Token { id: image_token, per_block: 1 },
         preprocess: Preprocess::Hf(hf_image_processor(dir)?),
         name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
     })
@@ -322,7 +377,7 @@ fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
         .all(|t| matches!(t.dtype, Some(GgmlDType::F16 | GgmlDType::BF16)));
     let llava = Llava::load_gguf(text, proj, vision.bf16(sixteen_bit))?;
     Ok(Vlm {
-        model: llava,
+        model: Model::Llava(llava),
         tokenizer,
         template,
         image_parts: ImageParts::MarkerFirst(MEDIA_MARKER.into()),

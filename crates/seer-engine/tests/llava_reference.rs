@@ -83,7 +83,7 @@ fn check_folder(folder: &str) {
 
         let pixels = vlm.load_pixels(&msgs, &limits).unwrap();
         let want_pixels = read_f32(&fixtures().join("cases").join(folder).join(case["pixel_values_file"].as_str().unwrap()));
-        let got_pixels: Vec<f32> = pixels.flatten_all().unwrap().to_vec1().unwrap();
+        let got_pixels: Vec<f32> = pixels.pixels.flatten_all().unwrap().to_vec1().unwrap();
         let pixel_diff = max_abs_diff(&got_pixels, &want_pixels);
         assert!(pixel_diff < 1e-5, "{folder}/{name}: pixels differ by {pixel_diff}");
 

@@ -293,6 +293,29 @@ pub fn tiles_u8(
 /// transformers' `Idefics3ImageProcessorPil` on one RGB image (Pillow 13
 /// resize order). Pixel values equal transformers 5.23 exactly (see the
 /// crate's tests).
+/// The tile grid `(rows, cols)` [`tiles_u8`] makes of a `width × height` image, from its
+/// size alone: `(0, 0)` when the image becomes a single tile. Prompts are laid out from
+/// this before any pixel is resampled.
+pub fn grid(width: u32, height: u32, cfg: &Idefics3ProcessorConfig) -> (usize, usize) {
+    let tile = cfg.max_image_size;
+    if !cfg.do_image_splitting {
+        return (0, 0);
+    }
+    let (w, h) = if cfg.do_resize {
+        match cfg.size {
+            Idefics3Size::LongestEdge(n) => resize_output_size(width, height, n),
+            Idefics3Size::Exact { height, width } => (width, height),
+        }
+    } else {
+        (width, height)
+    };
+    let (w, h) = vision_encoder_size(w, h, tile);
+    if w <= tile && h <= tile {
+        return (0, 0);
+    }
+    ((h / tile) as usize, (w / tile) as usize)
+}
+
 pub fn preprocess(img: &RgbImage, cfg: &Idefics3ProcessorConfig) -> Idefics3Image {
     preprocess_with_order(img, cfg, PassOrder::Pillow13)
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use seer_vision::idefics3::{
     expand_prompt, preprocess, preprocess_with_order, prompt_for_image, resize_output_size,
-    tiles_u8, vision_encoder_size, Idefics3ProcessorConfig, Idefics3Size, FAKE_IMAGE_TOKEN,
+    grid, tiles_u8, vision_encoder_size, Idefics3ProcessorConfig, Idefics3Size, FAKE_IMAGE_TOKEN,
     GLOBAL_IMAGE_TAG, IMAGE_TOKEN,
 };
 use seer_vision::resample::{Filter, PassOrder};
@@ -112,7 +112,20 @@ fn sizes_match_the_fixture_table() {
             assert_eq!(rows, t["rows"].as_u64().unwrap() as usize);
             assert_eq!(cols, t["cols"].as_u64().unwrap() as usize);
             assert_eq!(tiles.len(), t["n_tiles"].as_u64().unwrap() as usize);
+            assert_eq!(grid(w, h, &cfg), (rows, cols), "grid from the size alone");
         }
+    }
+}
+
+/// The grid from sizes alone agrees with the tiles actually cut, over many shapes
+/// (single-tile images included: those give (0, 0)).
+#[test]
+fn grid_from_size_agrees_with_tiling() {
+    let cfg = config();
+    for (w, h) in [(1, 1), (20, 20), (32, 32), (33, 32), (64, 20), (20, 64), (100, 30), (300, 7), (97, 96), (500, 500)] {
+        let (tiles, rows, cols) = tiles_u8(&RgbImage::new(w, h), &cfg, PassOrder::Pillow13);
+        assert_eq!(grid(w, h, &cfg), (rows, cols), "{w}x{h}");
+        assert_eq!(tiles.len(), rows * cols + 1, "{w}x{h}");
     }
 }
 
