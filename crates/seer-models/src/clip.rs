@@ -150,7 +150,8 @@ pub fn swap_fc(hf: &str) -> String {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm encoder layer; SigLIP (Idefics3's vision tower) has the same layers and names.
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -164,7 +165,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
         let attn = vb.pp("self_attn");
         Ok(EncoderLayer {
@@ -181,16 +182,18 @@ impl EncoderLayer {
         })
     }
 
-    /// `x` is `[b, n, hidden]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.attention(&self.layer_norm1.forward(x)?)?;
+    /// `x` is `[b, n, hidden]`; `mask` (`[b, 1, 1, n]`) is added to the attention scores,
+    /// so that a very negative entry keeps every query off that patch (padding).
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let h = self.attention(&self.layer_norm1.forward(x)?, mask)?;
         let x = (x + h)?;
         let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?)?;
         x + h
     }
 
-    fn attention(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.q_proj.is_bf16() {
+    fn attention(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        // The bf16 kernel takes no mask: tiles with padding take this path.
+        if self.q_proj.is_bf16() && mask.is_none() {
             return self.attention_bf16(x);
         }
         let (b, n, hidden) = x.dims3()?;
@@ -199,7 +202,12 @@ impl EncoderLayer {
         let q = (split(self.q_proj.forward(x)?)? * (1.0 / (d as f64).sqrt()))?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, hidden))?;
         self.out_proj.forward(&y)
     }
@@ -244,6 +252,26 @@ impl candle_core::CustomOp1 for QuickGelu {
     }
 }
 
+/// `embeddings.patch_embedding` (`[hidden, 3, p, p]`, bias optional) as a [`Linear`]: a
+/// stride-p convolution over p×p patches is a matrix product over flattened patches.
+pub(crate) fn patch_embedding(emb: &Vb, hidden: usize, p: usize) -> Result<Linear> {
+    let conv = emb.tensor_shaped("patch_embedding.weight", &[hidden, 3, p, p])?;
+    let bias = if emb.contains("patch_embedding.bias") { Some(emb.tensor("patch_embedding.bias")?) } else { None };
+    Ok(Linear::new(LinearWeight::Dense(conv.reshape((hidden, 3 * p * p))?), bias))
+}
+
+/// `[b, c, H, W]` → `[b, (H/p)·(W/p), c·p·p]`: the patches row-major, each flattened in
+/// the convolution weight's (channel, row, column) order.
+pub(crate) fn patchify(pixels: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    let (b, c, hgt, wid) = pixels.dims4()?;
+    let (gh, gw) = (hgt / p, wid / p);
+    pixels
+        .reshape((b, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b, gh * gw, c * p * p))
+}
+
 pub struct ClipVisionTransformer {
     patch_embedding: Linear,
     class_embedding: Tensor,
@@ -258,10 +286,7 @@ impl ClipVisionTransformer {
     pub fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
         let (h, p) = (c.hidden_size, c.patch_size);
         let emb = vb.pp("embeddings");
-        // A stride-p convolution over p×p patches is a matrix product over flattened patches.
-        let conv = emb.tensor_shaped("patch_embedding.weight", &[h, 3, p, p])?;
-        let bias = if emb.contains("patch_embedding.bias") { Some(emb.tensor("patch_embedding.bias")?) } else { None };
-        let patch_embedding = Linear::new(LinearWeight::Dense(conv.reshape((h, 3 * p * p))?), bias);
+        let patch_embedding = patch_embedding(&emb, h, p)?;
         let layers = (0..c.layers_to_run)
             .map(|i| EncoderLayer::load(&vb.pp("encoder.layers").pp(i), c))
             .collect::<Result<Vec<_>>>()?;
@@ -278,21 +303,14 @@ impl ClipVisionTransformer {
     /// `pixels` is `[b, 3, size, size]`; returns the selected layer's hidden states,
     /// `[b, 1 + patches, hidden]` (class token first).
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, hgt, wid) = pixels.dims4()?;
-        let p = self.config.patch_size;
-        let (gh, gw) = (hgt / p, wid / p);
-        let patches = pixels
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b, gh * gw, c * p * p))?;
-        let x = self.patch_embedding.forward(&patches)?;
+        let b = pixels.dim(0)?;
+        let x = self.patch_embedding.forward(&patchify(pixels, self.config.patch_size)?)?;
         let hidden = x.dim(2)?;
         let cls = self.class_embedding.reshape((1, 1, hidden))?.repeat((b, 1, 1))?;
         let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         for layer in &self.layers {
-            x = layer.forward(&x)?;
+            x = layer.forward(&x, None)?;
         }
         Ok(x)
     }

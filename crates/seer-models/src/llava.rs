@@ -68,7 +68,7 @@ const VISION_PREFIXES: [&str; 4] =
     ["vision_tower.vision_model", "vision_tower", "model.vision_tower.vision_model", "model.vision_tower"];
 const PROJECTOR_PREFIXES: [&str; 2] = ["multi_modal_projector", "model.multi_modal_projector"];
 
-fn find_prefix(src: &dyn TensorSource, prefixes: &[&'static str], probe: &str) -> Result<&'static str> {
+pub(crate) fn find_prefix(src: &dyn TensorSource, prefixes: &[&'static str], probe: &str) -> Result<&'static str> {
     let join = |p: &str| if p.is_empty() { probe.to_string() } else { format!("{p}.{probe}") };
     prefixes.iter().copied().find(|p| src.contains(&join(p))).ok_or_else(|| ModelError::MissingTensor {
         name: prefixes.iter().map(|p| join(p)).collect::<Vec<_>>().join(" or "),
@@ -139,16 +139,7 @@ impl Llava {
         check_projector_type(&mmproj)?;
         let text_cfg = LlamaConfig::from_gguf(&text)?;
         let vision = ClipVisionConfig::from_gguf(&mmproj)?;
-        let projected = mmproj.tensor_shape("mm.2.weight")?[0];
-        if projected != text_cfg.hidden_size {
-            return Err(ModelError::Mismatch(format!(
-                "projector {} produces embeddings of size {projected}, but text model {} has hidden size {}: \
-                 this mmproj belongs to another model",
-                mmproj.path().display(),
-                text.path().display(),
-                text_cfg.hidden_size
-            )));
-        }
+        require_projected_size(&mmproj, &text, mmproj.tensor_shape("mm.2.weight")?[0], text_cfg.hidden_size)?;
         let c = LlavaConfig {
             vision,
             text: text_cfg,
@@ -185,17 +176,37 @@ impl Llava {
     }
 }
 
-fn check_projector_type(mmproj: &GgufFile) -> Result<()> {
+/// Refuses an mmproj whose `clip.projector_type` (`clip.vision.projector_type` in older
+/// files; `default` when neither is there) is not `wanted`.
+pub(crate) fn require_projector_type(mmproj: &GgufFile, default: &str, wanted: &str, supported: &str) -> Result<()> {
     let kind = mmproj
         .opt_str("clip.projector_type")
         .or_else(|| mmproj.opt_str("clip.vision.projector_type"))
-        .unwrap_or("mlp");
-    if kind != "mlp" {
+        .unwrap_or(default);
+    if kind != wanted {
         return Err(ModelError::UnsupportedArchitecture {
             found: format!("projector type `{kind}` in {}", mmproj.path().display()),
-            supported: "mlp (LLaVA 1.5)".into(),
+            supported: supported.into(),
         });
     }
+    Ok(())
+}
+
+/// Refuses a projector whose embeddings (`projected` wide) do not fit the text model.
+pub(crate) fn require_projected_size(mmproj: &GgufFile, text: &GgufFile, projected: usize, hidden: usize) -> Result<()> {
+    if projected != hidden {
+        return Err(ModelError::Mismatch(format!(
+            "projector {} produces embeddings of size {projected}, but text model {} has hidden size {hidden}: \
+             this mmproj belongs to another model",
+            mmproj.path().display(),
+            text.path().display(),
+        )));
+    }
+    Ok(())
+}
+
+fn check_projector_type(mmproj: &GgufFile) -> Result<()> {
+    require_projector_type(mmproj, "mlp", "mlp", "mlp (LLaVA 1.5)")?;
     if !mmproj.has_tensor("mm.0.weight") || !mmproj.has_tensor("mm.2.weight") {
         return Err(ModelError::Mismatch(format!(
             "{} is not a LLaVA projector file (no mm.0/mm.2 tensors)",
