@@ -123,14 +123,14 @@ fn ms(since: Instant) -> f64 {
 impl Vlm {
     /// Renders the conversation and cuts it into token runs and image slots.
     pub fn build_prompt(&self, messages: &[Message]) -> Result<Prompt> {
-        let text = self.render(messages)?;
-        let n_images: usize = messages.iter().map(|m| m.images().count()).sum();
+        let (text, n_blocks) = self.expand_images(self.render(messages)?, messages)?;
         let segments = match &self.image_slot {
             ImageSlot::Token { id, per_block } => self.split_on_token(&text, *id, *per_block)?,
             ImageSlot::Marker(marker) => self.split_on_marker(&text, marker)?,
         };
         let slots = segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
-        if slots != n_images {
+        if slots != n_blocks {
+            let n_images: usize = messages.iter().map(|m| m.images().count()).sum();
             let marker = self.image_marker();
             if messages.iter().flat_map(|m| &m.parts).any(|p| matches!(p, Part::Text(t) if t.contains(&marker))) {
                 return Err(EngineError::BadRequest(format!(
@@ -142,6 +142,48 @@ impl Vlm {
             )));
         }
         Ok(Prompt { text, segments })
+    }
+
+    /// Replaces each image's marker in `text` by the text its processor expands it to (for
+    /// families whose image text depends on the image's size); returns the text and the
+    /// blocks of image features it calls for.
+    fn expand_images(&self, text: String, messages: &[Message]) -> Result<(String, usize)> {
+        let n_images: usize = messages.iter().map(|m| m.images().count()).sum();
+        if !self.preprocess.expands() || n_images == 0 {
+            return Ok((text, n_images));
+        }
+        let marker = self.image_marker();
+        let pieces: Vec<&str> = text.split(&marker).collect();
+        if pieces.len() - 1 != n_images {
+            return Err(EngineError::Template(format!(
+                "the chat template placed {} image(s) but the conversation has {n_images}",
+                pieces.len() - 1
+            )));
+        }
+        let mut out = pieces[0].to_string();
+        let mut blocks = 0;
+        for (size, piece) in self.image_sizes(messages)?.into_iter().zip(&pieces[1..]) {
+            let (expansion, n) = self.preprocess.expansion(size.0, size.1).unwrap_or_else(|| (marker.clone(), 1));
+            out.push_str(&expansion);
+            out.push_str(piece);
+            blocks += n;
+        }
+        Ok((out, blocks))
+    }
+
+    /// Each image's width and height, decoding those not decoded yet.
+    fn image_sizes(&self, messages: &[Message]) -> Result<Vec<(u32, u32)>> {
+        let alpha = self.preprocess.alpha_mode();
+        let inputs = messages.iter().flat_map(|m| m.images());
+        inputs
+            .enumerate()
+            .map(|(index, input)| match input {
+                ImageInput::Decoded(img) => Ok(img.dimensions()),
+                _ => load_image_with(input, &ImageLimits::default(), alpha)
+                    .map(|img| img.dimensions())
+                    .map_err(|error| EngineError::Image { index, what: describe(input), error }),
+            })
+            .collect()
     }
 
     /// The text that stands for an image in a rendered prompt.
@@ -156,6 +198,12 @@ impl Vlm {
     /// KoboldCpp's layout: images right after BOS, "\n\n" between two images, the
     /// prompt text tokenized on its own after them.
     pub fn build_raw_prompt(&self, text: &str, n_images: usize) -> Result<Prompt> {
+        self.build_raw_prompt_with(text, vec![None; n_images])
+    }
+
+    /// [`Vlm::build_raw_prompt`] where some images stand for text of their own (their
+    /// processor's expansion, with its image tokens).
+    fn build_raw_prompt_with(&self, text: &str, images: Vec<Option<String>>) -> Result<Prompt> {
         let mut segments = Vec::new();
         let mut ids = self.tokenizer.encode_plain(text)?;
         if let Some(bos) = self.tokenizer.bos_id().filter(|_| self.tokenizer.add_bos) {
@@ -166,11 +214,23 @@ impl Vlm {
             segments.push(Segment::Tokens(vec![bos]));
         }
         let separator = self.tokenizer.encode_plain("\n\n")?;
-        for i in 0..n_images {
+        let mut block = 0;
+        for (i, expansion) in images.into_iter().enumerate() {
             if i > 0 && !separator.is_empty() {
                 segments.push(Segment::Tokens(separator.clone()));
             }
-            segments.push(Segment::Image(i));
+            match (expansion, &self.image_slot) {
+                (Some(t), ImageSlot::Token { id, per_block }) => {
+                    let ids = self.tokenizer.encode_with_specials(&t, false)?;
+                    let parts = segments_from_ids(ids, *id, *per_block, block)?;
+                    block += parts.iter().filter(|s| matches!(s, Segment::Image(_))).count();
+                    segments.extend(parts);
+                }
+                _ => {
+                    segments.push(Segment::Image(block));
+                    block += 1;
+                }
+            }
         }
         if let ImageSlot::Token { id: image_id, .. } = self.image_slot {
             if ids.contains(&image_id) {
@@ -189,6 +249,10 @@ impl Vlm {
     /// The request's prompt: the caller's raw text, or the rendered conversation.
     pub fn prompt_for(&self, req: &GenerateRequest) -> Result<Prompt> {
         match &req.raw_prompt {
+            Some(text) if self.preprocess.expands() => {
+                let sizes = self.image_sizes(&req.messages)?;
+                self.build_raw_prompt_with(text, sizes.into_iter().map(|(w, h)| self.preprocess.expansion(w, h).map(|e| e.0)).collect())
+            }
             Some(text) => self.build_raw_prompt(text, req.messages.iter().map(|m| m.images().count()).sum()),
             None => self.build_prompt(&req.messages),
         }
@@ -240,31 +304,7 @@ impl Vlm {
     fn split_on_token(&self, text: &str, image_token: u32, per_block: usize) -> Result<Vec<Segment>> {
         let has_bos = self.tokenizer.bos_token.as_deref().is_some_and(|b| !b.is_empty() && text.starts_with(b));
         let ids = self.tokenizer.encode_with_specials(text, !has_bos)?;
-        let mut segments = Vec::new();
-        let mut run = Vec::new();
-        let (mut block, mut in_block) = (0, 0);
-        for id in ids {
-            if id != image_token {
-                if in_block != 0 {
-                    return Err(EngineError::Template(format!("an image block ended after {in_block} of its {per_block} image tokens")));
-                }
-                run.push(id);
-                continue;
-            }
-            if !run.is_empty() {
-                segments.push(Segment::Tokens(std::mem::take(&mut run)));
-            }
-            in_block += 1;
-            if in_block == per_block {
-                segments.push(Segment::Image(block));
-                block += 1;
-                in_block = 0;
-            }
-        }
-        if !run.is_empty() {
-            segments.push(Segment::Tokens(run));
-        }
-        Ok(segments)
+        segments_from_ids(ids, image_token, per_block, 0)
     }
 
     /// llama.cpp's mtmd tokenizes the text between markers piece by piece, BOS first.
@@ -372,6 +412,16 @@ impl Vlm {
     /// returns `false` to stop early.
     pub fn generate(&self, req: &GenerateRequest, limits: &ImageLimits, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation> {
         let start = Instant::now();
+        // Where the prompt depends on image sizes, decode each image once, up front.
+        let decoded;
+        let req = if self.preprocess.expands() && req.messages.iter().flat_map(|m| m.images()).any(|i| !matches!(i, ImageInput::Decoded(_))) {
+            let mut r = req.clone();
+            self.decode_images(&mut r.messages, limits)?;
+            decoded = r;
+            &decoded
+        } else {
+            req
+        };
         let prompt = self.prompt_for(req)?;
         let Usage { prompt_tokens, image_tokens, .. } = self.prompt_usage(&prompt)?;
         let has_images = prompt.segments.iter().any(|s| matches!(s, Segment::Image(_)));
@@ -459,6 +509,39 @@ impl Vlm {
             top: best.into_iter().map(|i| (i, piece(i), lp[i as usize])).collect(),
         }
     }
+}
+
+/// Cuts `ids` into token runs and image blocks, numbered from `first_block`: every
+/// `per_block` image tokens in a row are one block.
+fn segments_from_ids(ids: Vec<u32>, image_token: u32, per_block: usize, first_block: usize) -> Result<Vec<Segment>> {
+    let mut segments = Vec::new();
+    let mut run = Vec::new();
+    let (mut block, mut in_block) = (first_block, 0);
+    for id in ids {
+        if id != image_token {
+            if in_block != 0 {
+                return Err(EngineError::Template(format!("an image block ended after {in_block} of its {per_block} image tokens")));
+            }
+            run.push(id);
+            continue;
+        }
+        if !run.is_empty() {
+            segments.push(Segment::Tokens(std::mem::take(&mut run)));
+        }
+        in_block += 1;
+        if in_block == per_block {
+            segments.push(Segment::Image(block));
+            block += 1;
+            in_block = 0;
+        }
+    }
+    if in_block != 0 {
+        return Err(EngineError::Template(format!("the prompt ended {in_block} tokens into an image block of {per_block}")));
+    }
+    if !run.is_empty() {
+        segments.push(Segment::Tokens(run));
+    }
+    Ok(segments)
 }
 
 /// Watches the generated text for stop strings, holding back any tail that could still

@@ -11,7 +11,9 @@ use seer_models::llama::Llama;
 use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
 use seer_models::{KvCache, KvType, ModelError};
+use seer_models::idefics3::Idefics3;
 use seer_vision::clip::{ClipProcessorConfig, Pixels};
+use seer_vision::idefics3::Idefics3ProcessorConfig;
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, ImageParts, Message};
@@ -20,8 +22,9 @@ use crate::files::{hf_chat_template, read_json, read_json_opt};
 use crate::tokenizer::Tokenizer;
 
 /// The architectures seer can load, for error messages.
-pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5) from a Hugging Face folder; \
-                             a GGUF `llama` text model with an LLaVA `mlp` projector (mmproj)";
+pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5) and Idefics3ForConditionalGeneration \
+                             (SmolVLM) from a Hugging Face folder; a GGUF `llama` text model with an LLaVA `mlp` \
+                             projector (mmproj)";
 
 /// llama.cpp's default media marker; any string works since it never reaches the tokenizer.
 const MEDIA_MARKER: &str = "<__media__>";
@@ -31,13 +34,15 @@ pub enum Preprocess {
     Hf(ClipProcessorConfig),
     /// What llama.cpp does for an LLaVA projector: pad to square, resize, normalize.
     LlamaCppLlava { size: usize, mean: [f32; 3], std: [f32; 3] },
+    /// SmolVLM's tiles plus a global image (`Idefics3ImageProcessorPil`).
+    Idefics3(Idefics3ProcessorConfig),
 }
 
 impl Preprocess {
     /// What happens to transparency: HF processors composite onto white, llama.cpp drops it.
     pub fn alpha_mode(&self) -> seer_vision::AlphaMode {
         match self {
-            Preprocess::Hf(_) => seer_vision::AlphaMode::OverWhite,
+            Preprocess::Hf(_) | Preprocess::Idefics3(_) => seer_vision::AlphaMode::OverWhite,
             Preprocess::LlamaCppLlava { .. } => seer_vision::AlphaMode::Drop,
         }
     }
@@ -47,6 +52,25 @@ impl Preprocess {
         match self {
             Preprocess::Hf(cfg) => vec![seer_vision::clip::preprocess_hf(img, cfg)],
             Preprocess::LlamaCppLlava { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std)],
+            Preprocess::Idefics3(cfg) => seer_vision::idefics3::preprocess(img, cfg).tiles,
+        }
+    }
+
+    /// Whether the prompt text of an image depends on its size ([`Preprocess::expansion`]).
+    pub fn expands(&self) -> bool {
+        matches!(self, Preprocess::Idefics3(_))
+    }
+
+    /// The prompt text a `width × height` image stands for and the blocks of features it
+    /// becomes, when the processor expands it by size (SmolVLM: a tile grid plus the global
+    /// image); `None` when the image token stays as written (one block).
+    pub fn expansion(&self, width: u32, height: u32) -> Option<(String, usize)> {
+        match self {
+            Preprocess::Idefics3(cfg) => {
+                let (rows, cols) = seer_vision::idefics3::grid(width, height, cfg);
+                Some((seer_vision::idefics3::prompt_for_image(rows, cols, cfg.image_seq_len), rows * cols + 1))
+            }
+            _ => None,
         }
     }
 }
@@ -143,18 +167,21 @@ impl VisionDtype {
 /// The architectures behind one interface: what the request path needs of a model.
 pub enum Model {
     Llava(Llava),
+    Idefics3(Idefics3),
 }
 
 impl Model {
     pub fn language_model(&self) -> &Llama {
         match self {
             Model::Llava(m) => &m.language_model,
+            Model::Idefics3(m) => &m.language_model,
         }
     }
 
     fn language_model_mut(&mut self) -> &mut Llama {
         match self {
             Model::Llava(m) => &mut m.language_model,
+            Model::Idefics3(m) => &mut m.language_model,
         }
     }
 
@@ -166,6 +193,7 @@ impl Model {
     pub fn block_tokens(&self) -> usize {
         match self {
             Model::Llava(m) => m.config.image_tokens(),
+            Model::Idefics3(m) => m.config.image_seq_len(),
         }
     }
 
@@ -173,6 +201,8 @@ impl Model {
     pub fn encode_images(&self, images: &ImageBatch) -> seer_models::Result<Tensor> {
         match self {
             Model::Llava(m) => m.encode_images(&images.pixels),
+            // Every tile is a full square, so no patch is padding.
+            Model::Idefics3(m) => m.encode_images(&images.pixels, None),
         }
     }
 }
@@ -258,7 +288,7 @@ impl Vlm {
 
 fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
     let config = read_json(&dir.join("config.json"))?;
-    check_hf_architecture(&config)?;
+    let family = hf_family(&config)?;
     let files = llava::safetensors_files(dir)?;
     let src = Arc::new(SafetensorsSource::open(&files)?);
     // With ISQ most of the weights end up quantized; f32 for the rest is a safe estimate.
@@ -267,24 +297,47 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
         None => src.f32_bytes(),
     };
     check_memory(dir, need)?;
-    let model = Llava::load_hf(src, &config, isq.map(Isq::ggml_type), vision.bf16(isq.is_some()))?;
+    let (isq_type, bf16) = (isq.map(Isq::ggml_type), vision.bf16(isq.is_some()));
+    let model = match family {
+        HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, isq_type, bf16)?),
+    };
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let source = hf_chat_template(dir)?.ok_or_else(|| {
         EngineError::Template(format!("{} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)", dir.display()))
     })?;
     let template = ChatTemplate::new(&source, tokenizer.bos_token.as_deref().unwrap_or(""), tokenizer.eos_token.as_deref().unwrap_or(""))?;
-    let image_token = model
-        .config
-        .image_token_id
+    let configured = match &model {
+        Model::Llava(m) => m.config.image_token_id,
+        Model::Idefics3(m) => m.config.image_token_id,
+    };
+    let image_token = configured
         .or_else(|| tokenizer.token_to_id("<image>"))
         .ok_or_else(|| EngineError::Model(ModelError::Config("config.json names no image token".into())))?;
+    let (preprocess, per_block) = match family {
+        HfFamily::Llava => (Preprocess::Hf(hf_image_processor(dir)?), 1),
+        HfFamily::Idefics3 => {
+            let cfg = idefics3_processor(dir)?;
+            let per_block = cfg.image_seq_len;
+            (Preprocess::Idefics3(cfg), per_block)
+        }
+    };
+    // Where the processor writes one image token per embedding, the two counts must agree.
+    if per_block > 1 && per_block != model.block_tokens() {
+        return Err(ModelError::Mismatch(format!(
+            "{}: the processor expands each image tile to {per_block} tokens, the model makes {} embeddings per tile",
+            dir.display(),
+            model.block_tokens()
+        ))
+        .into());
+    }
     Ok(Vlm {
-        model: Model::Llava(model),
+        model,
         tokenizer,
         template,
         image_parts: ImageParts::Structured,
-        image_slot: ImageSlot::Token { id: image_token, per_block: 1 },
-        preprocess: Preprocess::Hf(hf_image_processor(dir)?),
+        image_slot: ImageSlot::Token { id: image_token, per_block },
+        preprocess,
         name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
     })
 }
@@ -313,7 +366,15 @@ fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn check_hf_architecture(config: &Value) -> Result<()> {
+/// The Hugging Face architectures seer loads.
+#[derive(Clone, Copy)]
+enum HfFamily {
+    Llava,
+    Idefics3,
+}
+
+/// From `architectures` (or `model_type` where that is missing).
+fn hf_family(config: &Value) -> Result<HfFamily> {
     let arch = config
         .get("architectures")
         .and_then(|a| a.get(0))
@@ -321,9 +382,31 @@ fn check_hf_architecture(config: &Value) -> Result<()> {
         .or_else(|| config.get("model_type").and_then(Value::as_str))
         .unwrap_or("(none given)");
     match arch {
-        "LlavaForConditionalGeneration" | "llava" => Ok(()),
+        "LlavaForConditionalGeneration" | "llava" => Ok(HfFamily::Llava),
+        "Idefics3ForConditionalGeneration" | "idefics3" => Ok(HfFamily::Idefics3),
         other => Err(ModelError::UnsupportedArchitecture { found: other.into(), supported: SUPPORTED.into() }.into()),
     }
+}
+
+/// SmolVLM's processor. transformers 5 writes one `processor_config.json` with the image
+/// processor nested and `image_seq_len` beside it; the hub's folders keep the image
+/// processor in `preprocessor_config.json` and only `image_seq_len` in `processor_config.json`.
+fn idefics3_processor(dir: &Path) -> Result<Idefics3ProcessorConfig> {
+    let processor_path = dir.join("processor_config.json");
+    let processor = read_json_opt(&processor_path)?;
+    let mut value = match (&processor, read_json_opt(&dir.join("preprocessor_config.json"))?) {
+        (Some(p), _) if p.get("image_processor").is_some() => p.clone(),
+        (_, Some(pre)) => pre,
+        (Some(p), None) => p.clone(),
+        (None, None) => {
+            return Err(ModelError::io(processor_path, std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
+        }
+    };
+    if let (Some(len), Value::Object(map)) = (processor.as_ref().and_then(|p| p.get("image_seq_len")), &mut value) {
+        map.insert("image_seq_len".into(), len.clone());
+    }
+    Idefics3ProcessorConfig::from_json_value(&value)
+        .map_err(|e| EngineError::Model(ModelError::Format { path: processor_path, format: "image processor config", detail: e.to_string() }))
 }
 
 /// `preprocessor_config.json` (2024 hub) or the `image_processor` inside

@@ -7,68 +7,30 @@
 //! up to 8e-5 from float64, so seer and transformers' f32 may differ by the sum of two such
 //! errors (checked at 2e-4).
 
-use std::path::{Path, PathBuf};
+mod support;
 
-use seer_engine::chat::{Message, Part, Role};
+use std::path::PathBuf;
+
+use seer_engine::chat::Message;
 use seer_engine::generate::Timings;
 use seer_engine::{GenerateRequest, SamplingParams, Vlm};
-use seer_vision::{ImageInput, ImageLimits};
+use seer_vision::ImageLimits;
 use serde_json::Value;
+use support::{max_abs_diff, read_f32};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llava")
+    support::fixtures("llava")
 }
 
-fn read_f32(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length differs");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// The case's conversation, with image paths made absolute.
 fn messages(case: &Value) -> Vec<Message> {
-    case["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| {
-            let role = Role::parse(m["role"].as_str().unwrap()).unwrap();
-            let parts = match &m["content"] {
-                Value::String(s) => vec![Part::Text(s.clone())],
-                Value::Array(parts) => parts
-                    .iter()
-                    .map(|p| match p["type"].as_str().unwrap() {
-                        "text" => Part::Text(p["text"].as_str().unwrap().to_string()),
-                        _ => Part::Image(ImageInput::Path(fixtures().join(p["path"].as_str().unwrap()))),
-                    })
-                    .collect(),
-                other => panic!("unexpected content {other}"),
-            };
-            Message { role, parts }
-        })
-        .collect()
+    support::messages(case, &fixtures())
 }
 
 fn cases(folder: &str) -> Vec<(String, Value)> {
     let dir = fixtures().join("cases").join(folder);
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    names.sort();
-    assert!(names.len() >= 5, "expected the five fixture cases in {}", dir.display());
-    names
-        .into_iter()
-        .map(|p| {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-            (p.file_stem().unwrap().to_string_lossy().into_owned(), v)
-        })
-        .collect()
+    let cases = support::cases(&dir);
+    assert!(cases.len() >= 5, "expected the five fixture cases in {}", dir.display());
+    cases
 }
 
 fn check_folder(folder: &str) {

@@ -1,0 +1,46 @@
+//! SmolVLM (Idefics3) through the whole request path against transformers, on the tiny
+//! fixtures of tests/fixtures/idefics3 (scripts/make_idefics3_fixtures.py): the chat template
+//! and the processor's expansion of each image into tiles (prompt text and input ids), the
+//! tiles' pixels, first-step logits and 16 greedy tokens, and the image-token count in usage.
+
+mod support;
+
+use seer_engine::generate::Timings;
+use seer_engine::{GenerateRequest, Vlm};
+use seer_vision::ImageLimits;
+use support::{cases, fixtures, max_abs_diff, messages, read_f32};
+
+#[test]
+fn hf_folder_matches_transformers() {
+    let root = fixtures("idefics3");
+    let vlm = Vlm::load(&root.join("tiny-smolvlm"), None).expect("fixture model loads");
+    let limits = ImageLimits::default();
+    let all = cases(&root.join("cases"));
+    assert!(all.len() >= 5, "expected the five fixture cases");
+    for (name, case) in all {
+        let file = |key: &str| read_f32(&root.join("cases").join(case[key].as_str().unwrap()));
+        let msgs = messages(&case, &root);
+        let prompt = vlm.build_prompt(&msgs).unwrap();
+        let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        assert_eq!(vlm.expanded_ids(&prompt, 49190), want_ids, "{name}: input ids (the processor's expansion)");
+
+        let images = vlm.load_pixels(&msgs, &limits).unwrap();
+        let got: Vec<f32> = images.pixels.flatten_all().unwrap().to_vec1().unwrap();
+        let pixel_diff = max_abs_diff(&got, &file("pixel_values_file"));
+        assert!(pixel_diff == 0.0, "{name}: pixels differ by {pixel_diff}");
+
+        let mut cache = vlm.model.new_cache();
+        let logits = vlm.prefill(&prompt, Some(&images), &mut cache, &mut Timings::default()).unwrap().to_vec1::<f32>().unwrap();
+        let exact_diff = max_abs_diff(&logits, &file("logits_f64_file"));
+        assert!(exact_diff < 1e-4, "{name}: logits differ from the float64 reference by {exact_diff}");
+
+        let req = GenerateRequest { messages: msgs, max_tokens: 16, ignore_eos: true, ..Default::default() };
+        let gen = vlm.generate(&req, &limits, &mut |_| true).unwrap();
+        let want_tokens: Vec<u32> = serde_json::from_value(case["greedy_tokens"].clone()).unwrap();
+        assert_eq!(gen.token_ids, want_tokens, "{name}: greedy tokens");
+        let image_tokens: usize = case["num_image_tokens_per_image"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap() as usize).sum();
+        assert_eq!(gen.usage.image_tokens, image_tokens, "{name}: image tokens in usage");
+        assert_eq!(gen.usage.prompt_tokens, want_ids.len(), "{name}: prompt tokens in usage");
+        eprintln!("{name}: pixels equal, logits vs f64 {exact_diff:.2e}, {image_tokens} image tokens, 16 tokens equal");
+    }
+}
