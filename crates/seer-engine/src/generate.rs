@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use seer_vision::{load_image_with, ImageInput, ImageLimits};
 use serde::Serialize;
 
-use crate::chat::{Message, Part};
+use crate::chat::{ImageParts, Message, Part};
 use crate::error::{EngineError, Result};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::TextStream;
@@ -152,7 +152,11 @@ impl Vlm {
         if !self.preprocess.expands() || n_images == 0 {
             return Ok((text, n_images));
         }
-        let marker = self.image_marker();
+        // Where the template wrote the image: a marker string, or the image token itself.
+        let marker = match &self.image_parts {
+            ImageParts::MarkerFirst(m) => m.clone(),
+            _ => self.image_marker(),
+        };
         let pieces: Vec<&str> = text.split(&marker).collect();
         if pieces.len() - 1 != n_images {
             return Err(EngineError::Template(format!(

@@ -13,7 +13,8 @@ use seer_models::weights::SafetensorsSource;
 use seer_models::{KvCache, KvType, ModelError};
 use seer_models::idefics3::Idefics3;
 use seer_vision::clip::{ClipProcessorConfig, Pixels};
-use seer_vision::idefics3::Idefics3ProcessorConfig;
+use seer_vision::idefics3::{Idefics3ProcessorConfig, Idefics3Size};
+use seer_vision::resample::{Filter, PassOrder};
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, ImageParts, Message};
@@ -34,15 +35,17 @@ pub enum Preprocess {
     Hf(ClipProcessorConfig),
     /// What llama.cpp does for an LLaVA projector: pad to square, resize, normalize.
     LlamaCppLlava { size: usize, mean: [f32; 3], std: [f32; 3] },
-    /// SmolVLM's tiles plus a global image (`Idefics3ImageProcessorPil`).
-    Idefics3(Idefics3ProcessorConfig),
+    /// SmolVLM's tiles plus a global image (`Idefics3ImageProcessorPil`); llama.cpp
+    /// resizes with the horizontal pass first always, Pillow 13 not always.
+    Idefics3 { cfg: Idefics3ProcessorConfig, order: PassOrder },
 }
 
 impl Preprocess {
     /// What happens to transparency: HF processors composite onto white, llama.cpp drops it.
     pub fn alpha_mode(&self) -> seer_vision::AlphaMode {
         match self {
-            Preprocess::Hf(_) | Preprocess::Idefics3(_) => seer_vision::AlphaMode::OverWhite,
+            Preprocess::Hf(_) | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. } => seer_vision::AlphaMode::OverWhite,
+            Preprocess::Idefics3 { .. } => seer_vision::AlphaMode::Drop,
             Preprocess::LlamaCppLlava { .. } => seer_vision::AlphaMode::Drop,
         }
     }
@@ -52,13 +55,13 @@ impl Preprocess {
         match self {
             Preprocess::Hf(cfg) => vec![seer_vision::clip::preprocess_hf(img, cfg)],
             Preprocess::LlamaCppLlava { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std)],
-            Preprocess::Idefics3(cfg) => seer_vision::idefics3::preprocess(img, cfg).tiles,
+            Preprocess::Idefics3 { cfg, order } => seer_vision::idefics3::preprocess_with_order(img, cfg, *order).tiles,
         }
     }
 
     /// Whether the prompt text of an image depends on its size ([`Preprocess::expansion`]).
     pub fn expands(&self) -> bool {
-        matches!(self, Preprocess::Idefics3(_))
+        matches!(self, Preprocess::Idefics3 { .. })
     }
 
     /// The prompt text a `width × height` image stands for and the blocks of features it
@@ -66,7 +69,7 @@ impl Preprocess {
     /// image); `None` when the image token stays as written (one block).
     pub fn expansion(&self, width: u32, height: u32) -> Option<(String, usize)> {
         match self {
-            Preprocess::Idefics3(cfg) => {
+            Preprocess::Idefics3 { cfg, .. } => {
                 let (rows, cols) = seer_vision::idefics3::grid(width, height, cfg);
                 Some((seer_vision::idefics3::prompt_for_image(rows, cols, cfg.image_seq_len), rows * cols + 1))
             }
@@ -319,7 +322,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
         HfFamily::Idefics3 => {
             let cfg = idefics3_processor(dir)?;
             let per_block = cfg.image_seq_len;
-            (Preprocess::Idefics3(cfg), per_block)
+            (Preprocess::Idefics3 { cfg, order: PassOrder::Pillow13 }, per_block)
         }
     };
     // Where the processor writes one image token per embedding, the two counts must agree.
@@ -447,17 +450,43 @@ fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
     let (tokenizer, chat_template) = Tokenizer::from_gguf(&text)?;
     let source = chat_template.ok_or_else(|| EngineError::Template(format!("{} carries no tokenizer.chat_template", model.display())))?;
     let template = ChatTemplate::new(&source, tokenizer.bos_token.as_deref().unwrap_or(""), tokenizer.eos_token.as_deref().unwrap_or(""))?;
-    let preprocess = Preprocess::LlamaCppLlava {
-        size: proj.get_u32("clip.vision.image_size")? as usize,
-        mean: f32x3(&proj, "clip.vision.image_mean")?,
-        std: f32x3(&proj, "clip.vision.image_std")?,
-    };
     let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // An mmproj stored in 16 bits has already given up f32 precision.
     let sixteen_bit = proj
         .tensor_infos()
         .filter(|t| t.shape.len() == 2)
         .all(|t| matches!(t.dtype, Some(GgmlDType::F16 | GgmlDType::BF16)));
+    if proj.opt_str("clip.projector_type") == Some("idefics3") {
+        let smol = Idefics3::load_gguf(text, proj.clone(), vision.bf16(sixteen_bit))?;
+        let image_token = smol.config.image_token_id.ok_or_else(|| {
+            EngineError::Model(ModelError::Mismatch(format!("{}: the vocabulary has no `<image>` token for SmolVLM's tiles", model.display())))
+        })?;
+        let cfg = Idefics3ProcessorConfig {
+            size: Idefics3Size::LongestEdge(proj.get_u32("clip.vision.preproc_image_size")?),
+            max_image_size: proj.get_u32("clip.vision.image_size")?,
+            resample: Filter::Lanczos,
+            image_mean: f32x3(&proj, "clip.vision.image_mean")?.map(f64::from),
+            image_std: f32x3(&proj, "clip.vision.image_std")?.map(f64::from),
+            image_seq_len: smol.config.image_seq_len(),
+            ..Idefics3ProcessorConfig::default()
+        };
+        return Ok(Vlm {
+            model: Model::Idefics3(smol),
+            tokenizer,
+            template,
+            // llama.cpp's layout: the marker first in the user's text, each image's tiles
+            // written out as tokens where the marker was.
+            image_parts: ImageParts::MarkerFirst(MEDIA_MARKER.into()),
+            image_slot: ImageSlot::Token { id: image_token, per_block: cfg.image_seq_len },
+            preprocess: Preprocess::Idefics3 { cfg, order: PassOrder::HorizontalFirst },
+            name: model_name,
+        });
+    }
+    let preprocess = Preprocess::LlamaCppLlava {
+        size: proj.get_u32("clip.vision.image_size")? as usize,
+        mean: f32x3(&proj, "clip.vision.image_mean")?,
+        std: f32x3(&proj, "clip.vision.image_std")?,
+    };
     let llava = Llava::load_gguf(text, proj, vision.bf16(sixteen_bit))?;
     Ok(Vlm {
         model: Model::Llava(llava),

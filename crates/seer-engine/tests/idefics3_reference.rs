@@ -44,3 +44,35 @@ fn hf_folder_matches_transformers() {
         eprintln!("{name}: pixels equal, logits vs f64 {exact_diff:.2e}, {image_tokens} image tokens, 16 tokens equal");
     }
 }
+
+/// The GGUF text model + mmproj as llama.cpp's converter writes them, against
+/// `llama-mtmd-cli` on the same files (gguf/llamacpp-<quant>-<case>.json): the prompt ids
+/// mtmd lays out (its chat template, its tiles), and the greedy tokens. seer runs its f32
+/// vision tower and KV cache here; llama.cpp's references were checked against transformers
+/// on the same prompt ids (`hf_same_prompt_*`), which is what seer is held to.
+/// `e_system` is left out: llama-mtmd-cli evaluates a `-sys` message on its own and ends it
+/// with an extra "\n" token that the chat template does not write (a CLI artifact).
+#[test]
+fn gguf_matches_llamacpp() {
+    let root = fixtures("idefics3");
+    let gguf = root.join("gguf");
+    let opts = seer_engine::LoadOptions {
+        vision: seer_engine::VisionDtype::F32,
+        kv_cache: Some(seer_engine::KvType::F32),
+        ..Default::default()
+    };
+    let vlm = Vlm::load_with(&gguf.join("tiny-smolvlm-F16.gguf"), Some(&gguf.join("mmproj-tiny-smolvlm-F16.gguf")), &opts).expect("GGUF fixture loads");
+    for case in ["a_square", "b_wide", "c_tall", "d_two_images"] {
+        let path = gguf.join(format!("llamacpp-F16-{case}.json"));
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let msgs = messages(&r, &root);
+        let prompt = vlm.build_prompt(&msgs).unwrap();
+        let want_ids: Vec<u32> = serde_json::from_value(r["prompt_token_ids"].clone()).unwrap();
+        assert_eq!(vlm.expanded_ids(&prompt, 49190), want_ids, "{case}: prompt ids as mtmd lays them out");
+        let req = GenerateRequest { messages: msgs, max_tokens: 16, ignore_eos: true, ..Default::default() };
+        let gen = vlm.generate(&req, &ImageLimits::default(), &mut |_| true).unwrap();
+        let want: Vec<u32> = serde_json::from_value(r["hf_same_prompt_greedy_tokens"].clone()).unwrap();
+        assert_eq!(gen.token_ids, want, "{case}: greedy tokens (transformers on llama.cpp's prompt and tiles)");
+        eprintln!("{case}: prompt ids equal ({} tokens), 16 greedy tokens equal; llama.cpp's own text equal: {}", want_ids.len(), r["hf_same_prompt_text_equal"]);
+    }
+}
