@@ -145,9 +145,9 @@ fn mmproj_for_another_model_names_both_files_and_sizes() {
 #[test]
 fn mmproj_of_another_projector_type_is_refused() {
     let dir = scratch("projector-type");
-    let mmproj = rewritten_mmproj(&dir, "mmproj-idefics3.gguf", false, Some("idefics3"));
+    let mmproj = rewritten_mmproj(&dir, "mmproj-pixtral.gguf", false, Some("pixtral"));
     let msg = load_err(&gguf_dir().join("tiny-llava-Q8_0.gguf"), Some(&mmproj));
-    assert!(msg.contains("idefics3") && msg.contains("mmproj-idefics3.gguf") && msg.contains("mlp"), "{msg}");
+    assert!(msg.contains("pixtral") && msg.contains("mmproj-pixtral.gguf") && msg.contains("mlp"), "{msg}");
 }
 
 fn ask(vlm: &Vlm, text: String, images: Vec<ImageInput>) -> Result<seer_engine::Generation, EngineError> {

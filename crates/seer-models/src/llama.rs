@@ -38,12 +38,33 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub rope_style: RopeStyle,
+    /// M-RoPE (Qwen2-VL): the rotary frequency pairs split into three runs of these
+    /// lengths (summing to `head_dim / 2`), which take their positions from the temporal,
+    /// height and width components of a [`Position`] respectively. `None`: plain RoPE.
+    pub mrope_section: Option<[usize; 3]>,
 }
+
+/// A token's position as M-RoPE sees it: (temporal, height, width). Text tokens have all
+/// three equal; plain RoPE reads only the first.
+pub type Position = [u32; 3];
 
 fn get_usize(v: &Value, key: &str) -> Option<usize> {
     v.get(key)?.as_u64().map(|x| x as usize)
 }
 
+
+/// `mrope_section` as configs write it: three lengths covering the `head_dim / 2`
+/// frequency pairs.
+fn mrope_section(v: &Value, head_dim: usize) -> Result<[usize; 3]> {
+    let parts: Option<Vec<usize>> = v.as_array().and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect());
+    match parts.as_deref() {
+        Some(&[t, h, w]) if t + h + w == head_dim / 2 => Ok([t, h, w]),
+        _ => Err(ModelError::Config(format!(
+            "mrope_section {v} must be three lengths summing to head_dim / 2 = {}",
+            head_dim / 2
+        ))),
+    }
+}
 
 impl LlamaConfig {
     /// From a Hugging Face `text_config` (or a plain LLaMA `config.json`). `outer` is the
@@ -56,10 +77,14 @@ impl LlamaConfig {
         let hidden = get("hidden_size", 4096);
         let rope = text.get("rope_parameters").or_else(|| text.get("rope_scaling")).filter(|v| !v.is_null());
         if let Some(kind) = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str) {
-            if kind != "default" {
+            // Qwen2-VL's hub configs say "mrope"; transformers 5 rewrites that to "default"
+            // plus `mrope_section`. Both mean the unscaled frequencies.
+            if kind != "default" && kind != "mrope" {
                 return Err(ModelError::Config(format!("rope type `{kind}` is not supported yet")));
             }
         }
+        let head_dim = get("head_dim", hidden / heads.max(1));
+        let mrope_section = rope.and_then(|r| r.get("mrope_section")).map(|v| mrope_section(v, head_dim)).transpose()?;
         let rope_theta = rope
             .and_then(|r| r.get("rope_theta"))
             .or_else(|| text.get("rope_theta"))
@@ -72,7 +97,7 @@ impl LlamaConfig {
             num_hidden_layers: get("num_hidden_layers", 32),
             num_attention_heads: heads,
             num_key_value_heads: get("num_key_value_heads", heads),
-            head_dim: get("head_dim", hidden / heads.max(1)),
+            head_dim,
             vocab_size: get("vocab_size", 32000),
             rms_norm_eps: text.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
             rope_theta,
@@ -83,6 +108,7 @@ impl LlamaConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             rope_style: RopeStyle::Half,
+            mrope_section,
         })
     }
 
@@ -106,6 +132,7 @@ impl LlamaConfig {
             max_position_embeddings: f.opt_u32(&key("context_length")).map_or(4096, |x| x as usize),
             tie_word_embeddings: !f.has_tensor("output.weight"),
             rope_style: RopeStyle::Interleaved,
+            mrope_section: None,
         })
     }
 }
@@ -160,10 +187,9 @@ impl Attention {
     /// Queries and keys stay in the projections' `[t, heads, head_dim]` layout throughout:
     /// rotary embedding in place, keys and values appended to the cache, attention read
     /// from it by seer-kernels.
-    fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: Positions, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let rows = |y: Tensor| y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let pos = cache.len();
         let mut q = rows(self.q_proj.forward(x)?)?;
         let mut k = rows(self.k_proj.forward(x)?)?;
         let v = rows(self.v_proj.forward(x)?)?;
@@ -216,11 +242,29 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, cache, layer)?;
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: Positions, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache, layer)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + h)?)
+    }
+}
+
+/// Where the rows of one forward pass sit.
+#[derive(Clone, Copy)]
+enum Positions<'a> {
+    /// `start`, `start + 1`, ...: the rows follow what the cache holds.
+    From(usize),
+    /// One per row, from the caller (M-RoPE).
+    Given(&'a [Position]),
+}
+
+impl Positions<'_> {
+    fn get(&self, row: usize) -> Position {
+        match self {
+            Positions::From(start) => [(start + row) as u32; 3],
+            Positions::Given(p) => p[row],
+        }
     }
 }
 
@@ -230,6 +274,9 @@ struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     style: RopeStyle,
+    /// For each frequency pair, the component of a [`Position`] it rotates by: all 0 for
+    /// plain RoPE, runs of 0, 1, 2 as long as `mrope_section` says for M-RoPE.
+    component: Vec<usize>,
 }
 
 impl Rope {
@@ -240,23 +287,34 @@ impl Rope {
             .collect();
         let n = c.max_position_embeddings;
         let freqs: Vec<f32> = (0..n).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
-        Ok(Rope { cos: freqs.iter().map(|x| x.cos()).collect(), sin: freqs.iter().map(|x| x.sin()).collect(), style: c.rope_style })
+        let component = match c.mrope_section {
+            Some(runs) => runs.iter().enumerate().flat_map(|(k, &n)| std::iter::repeat_n(k, n)).collect(),
+            None => vec![0; half],
+        };
+        Ok(Rope {
+            cos: freqs.iter().map(|x| x.cos()).collect(),
+            sin: freqs.iter().map(|x| x.sin()).collect(),
+            style: c.rope_style,
+            component,
+        })
     }
 
-    /// Rotates `x` (`[t, heads, d]`, positions `pos..pos + t`) in place.
-    fn apply(&self, x: &mut [f32], heads: usize, d: usize, pos: usize) {
+    /// Rotates `x` (`[t, heads, d]`, row `r` at position `pos.get(r)`) in place. Pair `i`
+    /// turns by its frequency times its component of the position: one table serves
+    /// plain RoPE and M-RoPE alike.
+    fn apply(&self, x: &mut [f32], heads: usize, d: usize, pos: Positions) {
         let half = d / 2;
         for (r, head) in x.chunks_exact_mut(d).enumerate() {
-            let p = pos + r / heads;
-            let (cos, sin) = (&self.cos[p * half..][..half], &self.sin[p * half..][..half]);
-            for i in 0..half {
+            let p = pos.get(r / heads);
+            for (i, &k) in self.component.iter().enumerate() {
+                let at = p[k] as usize * half + i;
                 let (a, b) = match self.style {
                     RopeStyle::Half => (i, i + half),
                     RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                 };
                 let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos[i] - x1 * sin[i];
-                head[b] = x0 * sin[i] + x1 * cos[i];
+                head[a] = x0 * self.cos[at] - x1 * self.sin[at];
+                head[b] = x0 * self.sin[at] + x1 * self.cos[at];
             }
         }
     }
@@ -314,6 +372,25 @@ impl Llama {
     /// Runs `embeds` (`[t, hidden]`) after what the cache holds and returns the logits of
     /// the last position, `[vocab]`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(embeds, cache, Positions::From(cache.len()))
+    }
+
+    /// [`Llama::forward`] with each row's position given (`positions[r]` for row `r`), as
+    /// M-RoPE needs: image tokens sit at (t, row, column) positions, and the text after an
+    /// image continues from where the image's positions end, not from the cache length.
+    pub fn forward_at(&self, embeds: &Tensor, cache: &mut KvCache, positions: &[Position]) -> Result<Tensor> {
+        let t = embeds.dim(0)?;
+        if positions.len() != t {
+            return Err(ModelError::Mismatch(format!("{} positions for {t} embeddings", positions.len())));
+        }
+        let limit = self.config.max_position_embeddings;
+        if let Some(p) = positions.iter().flatten().find(|&&p| p as usize >= limit) {
+            return Err(ModelError::Config(format!("position {p} exceeds the model's context of {limit}")));
+        }
+        self.run(embeds, cache, Positions::Given(positions))
+    }
+
+    fn run(&self, embeds: &Tensor, cache: &mut KvCache, pos: Positions) -> Result<Tensor> {
         let t = embeds.dim(0)?;
         if cache.len() + t > self.config.max_position_embeddings {
             return Err(ModelError::Config(format!(
@@ -324,7 +401,7 @@ impl Llama {
         }
         let mut x = embeds.unsqueeze(0)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.rope, cache, i)?;
+            x = layer.forward(&x, &self.rope, pos, cache, i)?;
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;

@@ -235,6 +235,18 @@ pub(crate) fn read_json_config(path: &Path) -> Result<Value, VisionError> {
         .map_err(|e| VisionError::BadConfig(format!("{}: {e}", path.display())))
 }
 
+/// Read the processor config at `path` with `parse` (a `from_json_value`), naming the
+/// file in a config error.
+pub(crate) fn read_processor_config<T>(
+    path: &Path,
+    parse: impl FnOnce(&Value) -> Result<T, VisionError>,
+) -> Result<T, VisionError> {
+    parse(&read_json_config(path)?).map_err(|e| match e {
+        VisionError::BadConfig(msg) => VisionError::BadConfig(format!("{}: {msg}", path.display())),
+        other => other,
+    })
+}
+
 /// The image processor's settings: `value` itself (a flat
 /// `preprocessor_config.json`), or its `"image_processor"` object (how
 /// transformers 5 nests it in `processor_config.json`).

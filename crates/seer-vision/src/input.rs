@@ -127,6 +127,8 @@ pub enum VisionError {
     TooManyBytes { size: u64, limit: usize },
     #[error("image too large: {width}x{height} pixels, the limit is {limit} pixels")]
     TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("image of {width}x{height} pixels is too narrow: its sides may differ by a factor of {max} at most")]
+    AspectRatio { width: u32, height: u32, max: f64 },
     #[error("invalid base64 image data: {0}")]
     BadBase64(String),
     #[error("invalid data URL: {0}")]

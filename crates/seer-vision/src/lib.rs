@@ -7,7 +7,9 @@
 //!   `CLIPImageProcessorPil` or llama.cpp's mtmd LLaVA path, pixel for pixel.
 //! * [`idefics3`]: SmolVLM / Idefics3 tiling and prompt expansion, matching
 //!   transformers' `Idefics3ImageProcessorPil` and `Idefics3Processor`.
-//! * [`resample`]: the Pillow-compatible resizer both of those rely on.
+//! * [`qwen2vl`]: Qwen2-VL / Qwen2.5-VL resizing and patch flattening,
+//!   matching transformers' `Qwen2VLImageProcessorPil`.
+//! * [`resample`]: the Pillow-compatible resizer all of those rely on.
 
 mod fetch;
 mod jpeg;
@@ -15,6 +17,7 @@ mod jpeg;
 pub mod clip;
 pub mod idefics3;
 pub mod input;
+pub mod qwen2vl;
 pub mod resample;
 
 pub use fetch::is_public_address;
