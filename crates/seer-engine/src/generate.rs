@@ -12,7 +12,7 @@ use crate::chat::{ImageParts, Message, Part};
 use crate::error::{EngineError, Result};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::TextStream;
-use crate::vlm::{ImageBatch, ImageSlot, Vlm};
+use crate::vlm::{ImageBatch, ImageSlot, Preprocess, Vlm};
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -67,6 +67,8 @@ pub enum Segment {
 pub struct Prompt {
     pub text: String,
     pub segments: Vec<Segment>,
+    /// The embeddings each image block becomes, by block number.
+    pub block_tokens: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -129,7 +131,11 @@ impl Vlm {
             ImageSlot::Marker(marker) => self.split_on_marker(&text, marker)?,
         };
         let slots = segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
-        if slots != n_blocks {
+        if slots == n_blocks {
+            let block_tokens = self.block_tokens(messages, n_blocks)?;
+            return Ok(Prompt { text, segments, block_tokens });
+        }
+        {
             let n_images: usize = messages.iter().map(|m| m.images().count()).sum();
             let marker = self.image_marker();
             if messages.iter().flat_map(|m| &m.parts).any(|p| matches!(p, Part::Text(t) if t.contains(&marker))) {
@@ -137,11 +143,29 @@ impl Vlm {
                     "a message's text contains the image marker `{marker}`; send images as image parts"
                 )));
             }
-            return Err(EngineError::Template(format!(
-                "the chat template placed {slots} image(s) but the conversation has {n_images}"
-            )));
+            Err(EngineError::Template(format!("the chat template placed {slots} image(s) but the conversation has {n_images}")))
         }
-        Ok(Prompt { text, segments })
+    }
+
+    /// The embeddings of each of `n_blocks` image blocks: the model's fixed count, or
+    /// each image's own from its size (Qwen2-VL, one block per image).
+    fn block_tokens(&self, messages: &[Message], n_blocks: usize) -> Result<Vec<usize>> {
+        if let Some(n) = self.model.block_tokens() {
+            return Ok(vec![n; n_blocks]);
+        }
+        let sizes = self.image_sizes(messages)?;
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(index, &(w, h))| {
+                let n = self.preprocess.image_embeddings(w, h).map_err(|error| EngineError::Image {
+                    index,
+                    what: format!("{w}x{h} image"),
+                    error,
+                })?;
+                Ok(n.unwrap_or(0))
+            })
+            .collect()
     }
 
     /// Replaces each image's marker in `text` by the text its processor expands it to (for
@@ -202,7 +226,12 @@ impl Vlm {
     /// KoboldCpp's layout: images right after BOS, "\n\n" between two images, the
     /// prompt text tokenized on its own after them.
     pub fn build_raw_prompt(&self, text: &str, n_images: usize) -> Result<Prompt> {
-        self.build_raw_prompt_with(text, vec![None; n_images])
+        let mut prompt = self.build_raw_prompt_with(text, vec![None; n_images])?;
+        if let Some(n) = self.model.block_tokens() {
+            let blocks = prompt.segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
+            prompt.block_tokens = vec![n; blocks];
+        }
+        Ok(prompt)
     }
 
     /// [`Vlm::build_raw_prompt`] where some images stand for text of their own (their
@@ -247,15 +276,20 @@ impl Vlm {
         if !ids.is_empty() {
             segments.push(Segment::Tokens(ids));
         }
-        Ok(Prompt { text: text.to_string(), segments })
+        let blocks = segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
+        Ok(Prompt { text: text.to_string(), segments, block_tokens: vec![self.model.block_tokens().unwrap_or(0); blocks] })
     }
 
     /// The request's prompt: the caller's raw text, or the rendered conversation.
     pub fn prompt_for(&self, req: &GenerateRequest) -> Result<Prompt> {
         match &req.raw_prompt {
-            Some(text) if self.preprocess.expands() => {
+            Some(text) if self.preprocess.needs_sizes() => {
                 let sizes = self.image_sizes(&req.messages)?;
-                self.build_raw_prompt_with(text, sizes.into_iter().map(|(w, h)| self.preprocess.expansion(w, h).map(|e| e.0)).collect())
+                let mut prompt = self.build_raw_prompt_with(text, sizes.iter().map(|&(w, h)| self.preprocess.expansion(w, h).map(|e| e.0)).collect())?;
+                if self.model.block_tokens().is_none() {
+                    prompt.block_tokens = self.block_tokens(&req.messages, sizes.len())?;
+                }
+                Ok(prompt)
             }
             Some(text) => self.build_raw_prompt(text, req.messages.iter().map(|m| m.images().count()).sum()),
             None => self.build_prompt(&req.messages),
@@ -264,8 +298,7 @@ impl Vlm {
 
     /// Token counts of a prompt, refusing one that leaves no room to generate.
     fn prompt_usage(&self, prompt: &Prompt) -> Result<Usage> {
-        let n_images = prompt.segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
-        let image_tokens = n_images * self.image_tokens();
+        let image_tokens: usize = prompt.block_tokens.iter().sum();
         let text_tokens: usize = prompt.segments.iter().map(|s| if let Segment::Tokens(ids) = s { ids.len() } else { 0 }).sum();
         let prompt_tokens = text_tokens + image_tokens;
         let context = self.context_length();
@@ -335,44 +368,43 @@ impl Vlm {
     /// The prompt's ids with each image expanded to its embedding count, as HF
     /// processors report `input_ids` (images shown as `image_id`).
     pub fn expanded_ids(&self, prompt: &Prompt, image_id: u32) -> Vec<u32> {
-        let n = self.image_tokens();
         prompt
             .segments
             .iter()
             .flat_map(|s| match s {
                 Segment::Tokens(ids) => ids.clone(),
-                Segment::Image(_) => vec![image_id; n],
+                Segment::Image(b) => vec![image_id; prompt.block_tokens[*b]],
             })
             .collect()
     }
 
     /// Loads, decodes and preprocesses every image of the conversation, in order.
     pub fn load_pixels(&self, messages: &[Message], limits: &ImageLimits) -> Result<ImageBatch> {
-        let pixels = messages
+        let images = messages
             .iter()
             .flat_map(|m| m.images())
             .enumerate()
-            .map(|(index, input)| {
-                let img = match input {
-                    ImageInput::Decoded(img) => img.clone(),
-                    _ => Arc::new(
-                        load_image_with(input, limits, self.preprocess.alpha_mode())
-                            .map_err(|error| EngineError::Image { index, what: describe(input), error })?,
-                    ),
-                };
-                Ok(self.preprocess.apply(&img))
+            .map(|(index, input)| match input {
+                ImageInput::Decoded(img) => Ok((index, img.clone())),
+                _ => load_image_with(input, limits, self.preprocess.alpha_mode())
+                    .map(|img| (index, Arc::new(img)))
+                    .map_err(|error| EngineError::Image { index, what: describe(input), error }),
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Preprocess::Qwen2Vl(cfg) = &self.preprocess {
+            return qwen2vl_batch(&images, cfg);
+        }
+        let pixels: Vec<_> = images.iter().map(|(_, img)| self.preprocess.apply(img)).collect();
         let tensors = pixels
             .into_iter()
             .flatten()
             .map(|p| Tensor::from_vec(p.data, (p.channels, p.height, p.width), &Device::Cpu))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(ImageBatch { pixels: Tensor::stack(&tensors, 0)? })
+        Ok(ImageBatch { pixels: Tensor::stack(&tensors, 0)?, grids: Vec::new() })
     }
 
     /// The decoder's input for the whole prompt, `[positions, hidden]`.
-    fn prompt_embeddings(&self, prompt: &Prompt, image_features: Option<&Tensor>) -> Result<Tensor> {
+    fn prompt_embeddings(&self, prompt: &Prompt, image_features: Option<&[Tensor]>) -> Result<Tensor> {
         let parts = prompt
             .segments
             .iter()
@@ -380,7 +412,7 @@ impl Vlm {
                 Segment::Tokens(ids) => self.model.language_model().embed(ids),
                 Segment::Image(i) => {
                     let f = image_features.expect("images were encoded when the prompt has image slots");
-                    Ok(f.get(*i)?)
+                    Ok(f[*i].clone())
                 }
             })
             .collect::<seer_models::Result<Vec<_>>>()?;
@@ -395,18 +427,28 @@ impl Vlm {
             None => None,
         };
         timings.image_encode_ms = ms(start);
-        let embeds = self.prompt_embeddings(prompt, features.as_ref())?;
+        let embeds = self.prompt_embeddings(prompt, features.as_deref())?;
         let positions = embeds.dim(0)?;
         let context = self.context_length();
         if positions >= context {
-            return Err(EngineError::ContextOverflow {
-                prompt_tokens: positions,
-                image_tokens: self.image_tokens() * features.as_ref().map_or(0, |f| f.dim(0).unwrap_or(0)),
-                context,
-            });
+            return Err(EngineError::ContextOverflow { prompt_tokens: positions, image_tokens: prompt.block_tokens.iter().sum(), context });
         }
         let start_prefill = Instant::now();
-        let logits = self.model.language_model().forward(&embeds, cache)?;
+        let lm = self.model.language_model();
+        let rope = match images {
+            Some(b) => self.model.rope_index(&self.expanded_ids(prompt, crate::vlm::IMAGE_SLOT), b)?,
+            None => None,
+        };
+        let logits = match rope {
+            // Image tokens on their grid; the text after the prompt continues from where
+            // the positions end, which the cache remembers for the decode steps.
+            Some(r) => {
+                let logits = lm.forward_at(&embeds, cache, &r.positions)?;
+                cache.set_position_offset(r.delta);
+                logits
+            }
+            None => lm.forward(&embeds, cache)?,
+        };
         timings.prefill_ms = ms(start_prefill);
         timings.prefill_tokens_per_s = positions as f64 / (timings.prefill_ms / 1e3);
         Ok(logits)
@@ -513,6 +555,22 @@ impl Vlm {
             top: best.into_iter().map(|i| (i, piece(i), lp[i as usize])).collect(),
         }
     }
+}
+
+/// Qwen2-VL's images: every image's flattened patches, one after another, and its grid.
+fn qwen2vl_batch(images: &[(usize, Arc<image::RgbImage>)], cfg: &seer_vision::qwen2vl::Qwen2VlProcessorConfig) -> Result<ImageBatch> {
+    let mut patches = Vec::new();
+    let mut grids = Vec::new();
+    let mut dim = 0;
+    for (index, img) in images {
+        let p = seer_vision::qwen2vl::preprocess(img, cfg)
+            .map_err(|error| EngineError::Image { index: *index, what: format!("{}x{} image", img.width(), img.height()), error })?;
+        dim = p.patch_dim;
+        patches.extend_from_slice(&p.patches);
+        grids.push(p.grid_thw);
+    }
+    let rows = patches.len() / dim.max(1);
+    Ok(ImageBatch { pixels: Tensor::from_vec(patches, (rows, dim), &Device::Cpu)?, grids })
 }
 
 /// Cuts `ids` into token runs and image blocks, numbered from `first_block`: every

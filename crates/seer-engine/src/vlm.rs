@@ -12,6 +12,8 @@ use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
 use seer_models::{KvCache, KvType, ModelError};
 use seer_models::idefics3::Idefics3;
+use seer_models::qwen2vl::{self, Qwen2Vl, RopeIndex};
+use seer_vision::qwen2vl::Qwen2VlProcessorConfig;
 use seer_vision::clip::{ClipProcessorConfig, Pixels};
 use seer_vision::idefics3::{Idefics3ProcessorConfig, Idefics3Size};
 use seer_vision::resample::{Filter, PassOrder};
@@ -23,8 +25,9 @@ use crate::files::{hf_chat_template, read_json, read_json_opt};
 use crate::tokenizer::Tokenizer;
 
 /// The architectures seer can load, for error messages.
-pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5) and Idefics3ForConditionalGeneration \
-                             (SmolVLM) from a Hugging Face folder; a GGUF `llama` text model with an LLaVA `mlp` \
+pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5), Idefics3ForConditionalGeneration \
+                             (SmolVLM), Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration from a \
+                             Hugging Face folder; a GGUF `llama` text model with an LLaVA `mlp` or SmolVLM `idefics3` \
                              projector (mmproj)";
 
 /// llama.cpp's default media marker; any string works since it never reaches the tokenizer.
@@ -38,21 +41,28 @@ pub enum Preprocess {
     /// SmolVLM's tiles plus a global image (`Idefics3ImageProcessorPil`); llama.cpp
     /// resizes with the horizontal pass first always, Pillow 13 not always.
     Idefics3 { cfg: Idefics3ProcessorConfig, order: PassOrder },
+    /// Qwen2-VL's native resolution: resized to multiples of 28 within the pixel bounds,
+    /// then cut into flattened patches.
+    Qwen2Vl(Qwen2VlProcessorConfig),
 }
 
 impl Preprocess {
     /// What happens to transparency: HF processors composite onto white, llama.cpp drops it.
     pub fn alpha_mode(&self) -> seer_vision::AlphaMode {
         match self {
-            Preprocess::Hf(_) | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. } => seer_vision::AlphaMode::OverWhite,
+            Preprocess::Hf(_) | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. } | Preprocess::Qwen2Vl(_) => {
+                seer_vision::AlphaMode::OverWhite
+            }
             Preprocess::Idefics3 { .. } => seer_vision::AlphaMode::Drop,
             Preprocess::LlamaCppLlava { .. } => seer_vision::AlphaMode::Drop,
         }
     }
 
-    /// The blocks of pixels one image becomes (one, or one per tile).
+    /// The blocks of pixels one image becomes (one, or one per tile). Qwen2-VL's patches
+    /// are not a picture: see [`Preprocess::patches`].
     pub fn apply(&self, img: &image::RgbImage) -> Vec<Pixels> {
         match self {
+            Preprocess::Qwen2Vl(_) => unreachable!("Qwen2-VL images are cut into patches, not pixel blocks"),
             Preprocess::Hf(cfg) => vec![seer_vision::clip::preprocess_hf(img, cfg)],
             Preprocess::LlamaCppLlava { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std)],
             Preprocess::Idefics3 { cfg, order } => seer_vision::idefics3::preprocess_with_order(img, cfg, *order).tiles,
@@ -62,6 +72,20 @@ impl Preprocess {
     /// Whether the prompt text of an image depends on its size ([`Preprocess::expansion`]).
     pub fn expands(&self) -> bool {
         matches!(self, Preprocess::Idefics3 { .. })
+    }
+
+    /// Whether the prompt needs each image's size (its text or its embedding count).
+    pub fn needs_sizes(&self) -> bool {
+        matches!(self, Preprocess::Idefics3 { .. } | Preprocess::Qwen2Vl(_))
+    }
+
+    /// The embeddings a `width × height` image becomes where that depends on its size
+    /// (Qwen2-VL); `None` where every block has the model's fixed count.
+    pub fn image_embeddings(&self, width: u32, height: u32) -> std::result::Result<Option<usize>, seer_vision::VisionError> {
+        match self {
+            Preprocess::Qwen2Vl(cfg) => Ok(Some(seer_vision::qwen2vl::image_tokens(seer_vision::qwen2vl::grid(width, height, cfg)?, cfg.merge_size))),
+            _ => Ok(None),
+        }
     }
 
     /// The prompt text a `width × height` image stands for and the blocks of features it
@@ -171,6 +195,7 @@ impl VisionDtype {
 pub enum Model {
     Llava(Llava),
     Idefics3(Idefics3),
+    Qwen2Vl(Qwen2Vl),
 }
 
 impl Model {
@@ -178,6 +203,7 @@ impl Model {
         match self {
             Model::Llava(m) => &m.language_model,
             Model::Idefics3(m) => &m.language_model,
+            Model::Qwen2Vl(m) => &m.language_model,
         }
     }
 
@@ -185,6 +211,7 @@ impl Model {
         match self {
             Model::Llava(m) => &mut m.language_model,
             Model::Idefics3(m) => &mut m.language_model,
+            Model::Qwen2Vl(m) => &mut m.language_model,
         }
     }
 
@@ -192,35 +219,66 @@ impl Model {
         self.language_model().new_cache()
     }
 
-    /// Embeddings per block of image features (an image, or one tile of it).
-    pub fn block_tokens(&self) -> usize {
+    /// Embeddings per block of image features (an image, or one tile of it), where the
+    /// architecture fixes it; `None` where it follows the image's size (Qwen2-VL).
+    pub fn block_tokens(&self) -> Option<usize> {
         match self {
-            Model::Llava(m) => m.config.image_tokens(),
-            Model::Idefics3(m) => m.config.image_seq_len(),
+            Model::Llava(m) => Some(m.config.image_tokens()),
+            Model::Idefics3(m) => Some(m.config.image_seq_len()),
+            Model::Qwen2Vl(_) => None,
         }
     }
 
-    /// `[blocks, block_tokens, hidden]` for the blocks of `images`, in order.
-    pub fn encode_images(&self, images: &ImageBatch) -> seer_models::Result<Tensor> {
+    /// Each block's embeddings (`[tokens, hidden]`), in order.
+    pub fn encode_images(&self, images: &ImageBatch) -> seer_models::Result<Vec<Tensor>> {
+        let stacked = match self {
+            Model::Llava(m) => m.encode_images(&images.pixels)?,
+            // Every tile is a full square, so no patch is padding. One tile at a time: a
+            // dozen tiles' attention scores at once would take hundreds of MiB.
+            Model::Idefics3(m) => {
+                let tiles = (0..images.pixels.dim(0)?).map(|i| m.encode_images(&images.pixels.narrow(0, i, 1)?, None));
+                Tensor::cat(&tiles.collect::<seer_models::Result<Vec<_>>>()?, 0)?
+            }
+            Model::Qwen2Vl(m) => {
+                let all = m.encode_images(&images.pixels, &images.grids)?;
+                let merge = m.config.vision.merge_size;
+                let mut start = 0;
+                return images
+                    .grids
+                    .iter()
+                    .map(|g| {
+                        let n = g.iter().product::<usize>() / (merge * merge);
+                        start += n;
+                        Ok(all.narrow(0, start - n, n)?)
+                    })
+                    .collect();
+            }
+        };
+        (0..stacked.dim(0)?).map(|i| Ok(stacked.get(i)?)).collect()
+    }
+
+    /// The M-RoPE positions of a prompt, for the architectures that place image tokens on
+    /// a grid: `ids` holds [`IMAGE_SLOT`] once per image embedding.
+    pub fn rope_index(&self, ids: &[u32], images: &ImageBatch) -> seer_models::Result<Option<RopeIndex>> {
         match self {
-            Model::Llava(m) => m.encode_images(&images.pixels),
-            // Every tile is a full square, so no patch is padding.
-            Model::Idefics3(m) => m.encode_images(&images.pixels, None),
+            Model::Qwen2Vl(m) => Ok(Some(qwen2vl::mrope_positions(ids, IMAGE_SLOT, &images.grids, m.config.vision.merge_size)?)),
+            _ => Ok(None),
         }
     }
 }
+
+/// Stands for an image embedding in a prompt's ids where only its place matters; no
+/// vocabulary is this large.
+pub const IMAGE_SLOT: u32 = u32::MAX;
 
 /// Every image of a request, preprocessed: the pixels of each block (an image, or a tile
 /// of one) stacked in prompt order.
 pub struct ImageBatch {
-    /// `[blocks, 3, height, width]`.
+    /// `[blocks, 3, height, width]`; for Qwen2-VL the flattened patches of every image,
+    /// `[patches, patch_dim]`.
     pub pixels: Tensor,
-}
-
-impl ImageBatch {
-    pub fn blocks(&self) -> usize {
-        self.pixels.dim(0).unwrap_or(0)
-    }
+    /// Qwen2-VL: each image's (frames, rows, columns) of patches.
+    pub grids: Vec<[usize; 3]>,
 }
 
 pub struct Vlm {
@@ -275,8 +333,8 @@ impl Vlm {
         self
     }
 
-    /// Embeddings per block of image features.
-    pub fn image_tokens(&self) -> usize {
+    /// Embeddings per block of image features where the architecture fixes it.
+    pub fn image_tokens(&self) -> Option<usize> {
         self.model.block_tokens()
     }
 
@@ -304,6 +362,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
     let model = match family {
         HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::Qwen2Vl => Model::Qwen2Vl(Qwen2Vl::load_hf(src, &config, isq_type, bf16)?),
     };
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let source = hf_chat_template(dir)?.ok_or_else(|| {
@@ -313,6 +372,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
     let configured = match &model {
         Model::Llava(m) => m.config.image_token_id,
         Model::Idefics3(m) => m.config.image_token_id,
+        Model::Qwen2Vl(m) => Some(m.config.image_token_id),
     };
     let image_token = configured
         .or_else(|| tokenizer.token_to_id("<image>"))
@@ -324,11 +384,14 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
             let per_block = cfg.image_seq_len;
             (Preprocess::Idefics3 { cfg, order: PassOrder::Pillow13 }, per_block)
         }
+        // The template writes one image pad token per image; the processor's copies, one
+        // per embedding, are counted from the image's size.
+        HfFamily::Qwen2Vl => (Preprocess::Qwen2Vl(qwen2vl_processor(dir)?), 1),
     };
     // Where the processor writes one image token per embedding, the two counts must agree.
-    if per_block > 1 && per_block != model.block_tokens() {
+    if per_block > 1 && Some(per_block) != model.block_tokens() {
         return Err(ModelError::Mismatch(format!(
-            "{}: the processor expands each image tile to {per_block} tokens, the model makes {} embeddings per tile",
+            "{}: the processor expands each image tile to {per_block} tokens, the model makes {:?} embeddings per tile",
             dir.display(),
             model.block_tokens()
         ))
@@ -374,6 +437,7 @@ fn available_memory() -> Option<u64> {
 enum HfFamily {
     Llava,
     Idefics3,
+    Qwen2Vl,
 }
 
 /// From `architectures` (or `model_type` where that is missing).
@@ -387,8 +451,15 @@ fn hf_family(config: &Value) -> Result<HfFamily> {
     match arch {
         "LlavaForConditionalGeneration" | "llava" => Ok(HfFamily::Llava),
         "Idefics3ForConditionalGeneration" | "idefics3" => Ok(HfFamily::Idefics3),
+        "Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration" | "qwen2_vl" | "qwen2_5_vl" => Ok(HfFamily::Qwen2Vl),
         other => Err(ModelError::UnsupportedArchitecture { found: other.into(), supported: SUPPORTED.into() }.into()),
     }
+}
+
+/// Qwen2-VL's image processor: `preprocessor_config.json` (the hub's) or nested in
+/// `processor_config.json` (transformers 5).
+fn qwen2vl_processor(dir: &Path) -> Result<Qwen2VlProcessorConfig> {
+    read_image_processor(dir, Qwen2VlProcessorConfig::from_json_value)
 }
 
 /// SmolVLM's processor. transformers 5 writes one `processor_config.json` with the image
@@ -415,12 +486,15 @@ fn idefics3_processor(dir: &Path) -> Result<Idefics3ProcessorConfig> {
 /// `preprocessor_config.json` (2024 hub) or the `image_processor` inside
 /// `processor_config.json` (transformers 5).
 fn hf_image_processor(dir: &Path) -> Result<ClipProcessorConfig> {
+    read_image_processor(dir, ClipProcessorConfig::from_json_value)
+}
+
+/// The first of `preprocessor_config.json` and `processor_config.json` there is, parsed.
+fn read_image_processor<T>(dir: &Path, parse: impl Fn(&Value) -> std::result::Result<T, seer_vision::VisionError>) -> Result<T> {
     for name in ["preprocessor_config.json", "processor_config.json"] {
         let path = dir.join(name);
         if let Some(json) = read_json_opt(&path)? {
-            return ClipProcessorConfig::from_json_value(&json).map_err(|e| {
-                EngineError::Model(ModelError::Format { path, format: "image processor config", detail: e.to_string() })
-            });
+            return parse(&json).map_err(|e| EngineError::Model(ModelError::Format { path, format: "image processor config", detail: e.to_string() }));
         }
     }
     Err(ModelError::io(dir.join("preprocessor_config.json"), std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
@@ -451,10 +525,11 @@ fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
     let source = chat_template.ok_or_else(|| EngineError::Template(format!("{} carries no tokenizer.chat_template", model.display())))?;
     let template = ChatTemplate::new(&source, tokenizer.bos_token.as_deref().unwrap_or(""), tokenizer.eos_token.as_deref().unwrap_or(""))?;
     let model_name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    // An mmproj stored in 16 bits has already given up f32 precision.
+    // An mmproj whose encoder matrices are stored in 16 bits has already given up f32
+    // precision (embedding tables are often kept in f32 beside them).
     let sixteen_bit = proj
         .tensor_infos()
-        .filter(|t| t.shape.len() == 2)
+        .filter(|t| t.shape.len() == 2 && t.name.contains(".blk."))
         .all(|t| matches!(t.dtype, Some(GgmlDType::F16 | GgmlDType::BF16)));
     if proj.opt_str("clip.projector_type") == Some("idefics3") {
         let smol = Idefics3::load_gguf(text, proj.clone(), vision.bf16(sixteen_bit))?;

@@ -64,7 +64,10 @@ fn bf16_vision_stays_close_to_f32() {
     for case in ["a_square", "b_wide"] {
         let req = request(&reference(&format!("llamacpp-fixed-F16-{case}.json")));
         let pixels = exact.load_pixels(&req.messages, &ImageLimits::default()).unwrap();
-        let embed = |vlm: &Vlm| vlm.model.encode_images(&pixels).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let embed = |vlm: &Vlm| -> Vec<f32> {
+            let blocks = vlm.model.encode_images(&pixels).unwrap();
+            blocks.iter().flat_map(|b| b.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        };
         let (a, b) = (embed(&exact), embed(&fast));
         let err = rel_err(&a, &b);
         eprintln!("{case}: bf16 vs f32 image embeddings, max error {err} of the largest");

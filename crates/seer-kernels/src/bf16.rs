@@ -122,8 +122,8 @@ impl PackedBf16 {
 /// Attention among `t` tokens with every token seeing every other (vision towers), its two
 /// products in bf16: `q`, `k`, `v` and `out` are `[t, heads, d]`, as the projections
 /// produce them. One task per head; the scores are a `t × t` f32 matrix per task, with the
-/// softmax in f32. Panics unless [`PackedBf16::available`].
-pub fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, d: usize, scale: f32, out: &mut [f32]) {
+/// softmax in f32; the shape is `[t, heads, d]`. Panics unless [`PackedBf16::available`].
+pub fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], [t, heads, d]: [usize; 3], scale: f32, out: &mut [f32]) {
     assert!(PackedBf16::available(), "bf16 attention: this CPU lacks AVX512-BF16");
     let len = t * heads * d;
     assert!(q.len() >= len && k.len() >= len && v.len() >= len && out.len() >= len, "bf16 attention: [{t}, {heads}, {d}] inputs");
@@ -218,7 +218,7 @@ mod tests {
         let (q, k, v) = (rnd(t * heads * d), rnd(t * heads * d), rnd(t * heads * d));
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![f32::NAN; t * heads * d];
-        attention_bf16(&q, &k, &v, t, heads, d, scale, &mut out);
+        attention_bf16(&q, &k, &v, [t, heads, d], scale, &mut out);
         let at = |x: &[f32], i: usize, h: usize, c: usize| x[(i * heads + h) * d + c] as f64;
         for h in 0..heads {
             for i in 0..t {

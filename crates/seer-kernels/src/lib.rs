@@ -36,7 +36,7 @@ mod gemm512;
 
 use act::{Act, Layout};
 pub use attention::{attention, attention_with, AttnShape, KvElem};
-pub use pointwise::quick_gelu;
+pub use pointwise::{gelu_tanh, quick_gelu};
 pub use bf16::{attention_bf16, bf16_bits, bf16_to_f32, PackedBf16};
 
 /// The GGML weight types seer multiplies with its own kernels.

@@ -31,9 +31,9 @@ impl Activation {
 
     pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::QuickGelu => x.to_dtype(candle_core::DType::F32)?.contiguous()?.apply_op1_no_bwd(&QuickGelu),
+            Activation::QuickGelu => x.to_dtype(candle_core::DType::F32)?.contiguous()?.apply_op1_no_bwd(&Pointwise(seer_kernels::quick_gelu)),
             Activation::Gelu => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
+            Activation::GeluTanh => x.to_dtype(candle_core::DType::F32)?.contiguous()?.apply_op1_no_bwd(&Pointwise(seer_kernels::gelu_tanh)),
         }
     }
 }
@@ -225,29 +225,30 @@ impl EncoderLayer {
         let per_image = n * hidden;
         for i in 0..b {
             let r = i * per_image..(i + 1) * per_image;
-            seer_kernels::attention_bf16(&q[r.clone()], &k[r.clone()], &v[r.clone()], n, self.heads, d, 1.0 / (d as f32).sqrt(), &mut y[r]);
+            seer_kernels::attention_bf16(&q[r.clone()], &k[r.clone()], &v[r.clone()], [n, self.heads, d], 1.0 / (d as f32).sqrt(), &mut y[r]);
         }
         self.out_proj.forward(&Tensor::from_vec(y, (b, n, hidden), x.device())?)
     }
 }
 
-/// CLIP's `x · sigmoid(1.702 · x)` in one vectorized pass (seer-kernels).
-struct QuickGelu;
+/// An activation in one vectorized pass (seer-kernels' quick GELU or tanh GELU) instead
+/// of candle's several.
+struct Pointwise(fn(&[f32], &mut [f32]));
 
-impl candle_core::CustomOp1 for QuickGelu {
+impl candle_core::CustomOp1 for Pointwise {
     fn name(&self) -> &'static str {
-        "seer-quick-gelu"
+        "seer-pointwise"
     }
 
     fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("seer-quick-gelu: f32 input expected");
+            candle_core::bail!("seer-pointwise: f32 input expected");
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("seer-quick-gelu: input is not contiguous");
+            candle_core::bail!("seer-pointwise: input is not contiguous");
         };
         let mut out = vec![0f32; end - start];
-        seer_kernels::quick_gelu(&data[start..end], &mut out);
+        (self.0)(&data[start..end], &mut out);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }

@@ -25,6 +25,9 @@ pub struct KvCache {
     head_dim: usize,
     capacity: usize,
     len: usize,
+    /// Where the next position sits relative to `len`: 0, except after an M-RoPE prompt
+    /// whose images end their positions before their token count (Qwen2-VL).
+    position_offset: i64,
 }
 
 impl KvCache {
@@ -33,7 +36,7 @@ impl KvCache {
             KvType::F32 => Buffers::F32(Vec::new(), Vec::new()),
             KvType::F16 => Buffers::F16(Vec::new(), Vec::new()),
         };
-        KvCache { layers: (0..n_layers).map(|_| empty()).collect(), kv_heads, head_dim, capacity: 0, len: 0 }
+        KvCache { layers: (0..n_layers).map(|_| empty()).collect(), kv_heads, head_dim, capacity: 0, len: 0, position_offset: 0 }
     }
 
     /// Positions already stored.
@@ -103,6 +106,15 @@ impl KvCache {
         }
     }
 
+    /// The rotary position of the next token.
+    pub fn next_position(&self) -> usize {
+        (self.len as i64 + self.position_offset).max(0) as usize
+    }
+
+    pub fn set_position_offset(&mut self, offset: i64) {
+        self.position_offset = offset;
+    }
+
     pub fn advance(&mut self, t: usize) {
         self.len += t;
     }
@@ -110,6 +122,7 @@ impl KvCache {
     /// Forgets every position; the buffers stay allocated for the next sequence.
     pub fn clear(&mut self) {
         self.len = 0;
+        self.position_offset = 0;
     }
 }
 

@@ -372,7 +372,7 @@ impl Llama {
     /// Runs `embeds` (`[t, hidden]`) after what the cache holds and returns the logits of
     /// the last position, `[vocab]`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run(embeds, cache, Positions::From(cache.len()))
+        self.run(embeds, cache, Positions::From(cache.next_position()))
     }
 
     /// [`Llama::forward`] with each row's position given (`positions[r]` for row `r`), as

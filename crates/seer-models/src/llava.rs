@@ -14,7 +14,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::llama::{self, Llama, LlamaConfig};
-use crate::weights::{GgufNames, GgufSource, SafetensorsSource, TensorSource, Vb};
+use crate::weights::{GgufNames, GgufSource, NameMap, SafetensorsSource, TensorSource, Vb};
 
 #[derive(Debug, Clone)]
 pub struct LlavaConfig {
@@ -218,7 +218,7 @@ fn check_projector_type(mmproj: &GgufFile) -> Result<()> {
 
 /// The legacy LLaVA converter wrote fc1 as `ffn_down`; llama.cpp detects it by shape, and
 /// so do we.
-fn clip_name_map(mmproj: &GgufFile, c: &ClipVisionConfig) -> Arc<dyn Fn(&str) -> Option<String> + Send + Sync> {
+fn clip_name_map(mmproj: &GgufFile, c: &ClipVisionConfig) -> NameMap {
     let swapped = mmproj
         .tensor_shape("v.blk.0.ffn_down.weight")
         .map(|s| s == [c.intermediate_size, c.hidden_size])

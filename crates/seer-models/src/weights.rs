@@ -160,7 +160,7 @@ impl Vb {
 /// row that fits neither stays dense.
 fn isq_type(isq: Option<GgmlDType>, in_dim: usize) -> Option<GgmlDType> {
     let wanted = isq?;
-    [wanted, GgmlDType::Q8_0].into_iter().find(|t| in_dim % t.block_size() == 0)
+    [wanted, GgmlDType::Q8_0].into_iter().find(|t| in_dim.is_multiple_of(t.block_size()))
 }
 
 /// One or several `.safetensors` files, memory-mapped.
