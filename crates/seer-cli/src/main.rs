@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use seer_engine::{KvType, GenerateRequest, Isq, LoadOptions, Message, Role, SamplingParams, VisionDtype, Vlm};
+use seer_engine::{hub, KvType, GenerateRequest, Isq, LoadOptions, Message, Role, SamplingParams, VisionDtype, Vlm};
 use seer_server::{Limits, ServeOptions};
 use seer_vision::{ImageInput, ImageLimits};
 
@@ -32,9 +32,14 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A Hugging Face model folder, or a GGUF text model (with --mmproj).
+    /// A Hugging Face folder, a GGUF text model (with --mmproj), or a hub repository:
+    /// `org/name` or `org/name:file.gguf`, downloaded into the Hugging Face cache
+    /// (default: HuggingFaceTB/SmolVLM-256M-Instruct).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<String>,
+    /// For a hub repository of GGUF files: the text model whose name holds this (e.g. Q4_K_M).
+    #[arg(long)]
+    quant: Option<String>,
     /// The GGUF projector ("mmproj") that goes with a GGUF text model.
     #[arg(long)]
     mmproj: Option<PathBuf>,
@@ -188,10 +193,28 @@ fn set_threads(threads: Option<usize>) {
 
 fn load(args: &ModelArgs) -> Result<(Vlm, f64)> {
     set_threads(args.threads);
+    let (model, mmproj) = model_files(args)?;
     let start = Instant::now();
     let opts = LoadOptions { isq: args.isq, vision: args.vision_dtype, kv_cache: args.kv_cache };
-    let vlm = Vlm::load_with(&args.model, args.mmproj.as_deref(), &opts).context("loading the model")?;
+    let vlm = Vlm::load_with(&model, mmproj.as_deref(), &opts).context("loading the model")?;
     Ok((vlm, start.elapsed().as_secs_f64() * 1e3))
+}
+
+/// The model's local files: the paths given, or a hub repository's, downloaded when not
+/// in the cache yet.
+fn model_files(args: &ModelArgs) -> Result<(PathBuf, Option<PathBuf>)> {
+    let spec = args.model.as_deref().unwrap_or(hub::DEFAULT_MODEL);
+    if !hub::is_hub_id(spec) {
+        if args.quant.is_some() {
+            bail!("--quant chooses a file in a hub repository; {spec} is a local path");
+        }
+        return Ok((PathBuf::from(spec), args.mmproj.clone()));
+    }
+    if args.mmproj.is_some() {
+        bail!("--mmproj is found beside the text model in hub repository {spec}; give a local GGUF file to pair it with");
+    }
+    let files = hub::fetch(spec, args.quant.as_deref(), &hub::HubOptions::from_env()).with_context(|| format!("fetching {spec}"))?;
+    Ok((files.model, files.mmproj))
 }
 
 fn run(args: RunArgs) -> Result<()> {
@@ -246,13 +269,14 @@ fn run(args: RunArgs) -> Result<()> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     set_threads(args.model.threads);
+    let (model, mmproj) = model_files(&args.model)?;
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_ansi(colour).init();
     let defaults = Limits::default();
     let image = ImageLimits { max_pixels: args.max_image_pixels, allow_private_urls: args.allow_private_urls, ..defaults.image };
     let opts = ServeOptions {
-        model: args.model.model,
-        mmproj: args.model.mmproj,
+        model,
+        mmproj,
         load: LoadOptions { isq: args.model.isq, vision: args.model.vision_dtype, kv_cache: args.model.kv_cache },
         host: args.host,
         port: args.port,

@@ -75,6 +75,27 @@ fn errors_are_one_line_and_exit_nonzero() {
     }
 }
 
+/// Without `--model`, `seer run` fetches the default SmolVLM from the hub (`HF_ENDPOINT`,
+/// into `HF_HOME`); with the hub unreachable and nothing cached that is a one-line error
+/// naming the repository. (Downloads themselves are tested in seer-engine's tests/hub.rs
+/// against a local hub.)
+#[test]
+fn without_a_model_the_default_comes_from_the_hub() {
+    let home = std::env::temp_dir().join(format!("seer-cli-hub-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_seer"))
+        .args(["run", "--image", "images/square-64x64.png", "--prompt", "hi"])
+        .current_dir(fixtures())
+        .env("HF_HOME", &home)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("error: ") && err.contains("HuggingFaceTB/SmolVLM-256M-Instruct") && err.lines().count() == 1, "{err}");
+    let _ = std::fs::remove_dir_all(home);
+}
+
 /// Kills the child when the test ends, however it ends.
 struct Killed(std::process::Child);
 

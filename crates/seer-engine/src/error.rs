@@ -23,6 +23,9 @@ pub enum EngineError {
     BadRequest(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// A model that could not be fetched from the hub.
+    #[error("download: {0}")]
+    Download(String),
 }
 
 impl EngineError {

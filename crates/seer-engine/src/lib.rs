@@ -5,6 +5,7 @@ pub mod chat;
 pub mod error;
 pub mod files;
 pub mod generate;
+pub mod hub;
 pub mod gguf_tokenizer;
 pub mod sampler;
 pub mod scheduler;

@@ -380,7 +380,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
     let (preprocess, per_block) = match family {
         HfFamily::Llava => (Preprocess::Hf(hf_image_processor(dir)?), 1),
         HfFamily::Idefics3 => {
-            let cfg = idefics3_processor(dir)?;
+            let cfg = idefics3_processor(dir, model.block_tokens().unwrap_or(0))?;
             let per_block = cfg.image_seq_len;
             (Preprocess::Idefics3 { cfg, order: PassOrder::Pillow13 }, per_block)
         }
@@ -465,7 +465,8 @@ fn qwen2vl_processor(dir: &Path) -> Result<Qwen2VlProcessorConfig> {
 /// SmolVLM's processor. transformers 5 writes one `processor_config.json` with the image
 /// processor nested and `image_seq_len` beside it; the hub's folders keep the image
 /// processor in `preprocessor_config.json` and only `image_seq_len` in `processor_config.json`.
-fn idefics3_processor(dir: &Path) -> Result<Idefics3ProcessorConfig> {
+/// `image_seq_len`, when no file gives it, is the model's own count (`model_seq_len`).
+fn idefics3_processor(dir: &Path, model_seq_len: usize) -> Result<Idefics3ProcessorConfig> {
     let processor_path = dir.join("processor_config.json");
     let processor = read_json_opt(&processor_path)?;
     let mut value = match (&processor, read_json_opt(&dir.join("preprocessor_config.json"))?) {
@@ -476,8 +477,9 @@ fn idefics3_processor(dir: &Path) -> Result<Idefics3ProcessorConfig> {
             return Err(ModelError::io(processor_path, std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
         }
     };
-    if let (Some(len), Value::Object(map)) = (processor.as_ref().and_then(|p| p.get("image_seq_len")), &mut value) {
-        map.insert("image_seq_len".into(), len.clone());
+    let given = processor.as_ref().and_then(|p| p.get("image_seq_len")).or_else(|| value.get("image_seq_len")).cloned();
+    if let Value::Object(map) = &mut value {
+        map.insert("image_seq_len".into(), given.unwrap_or_else(|| model_seq_len.into()));
     }
     Idefics3ProcessorConfig::from_json_value(&value)
         .map_err(|e| EngineError::Model(ModelError::Format { path: processor_path, format: "image processor config", detail: e.to_string() }))
