@@ -56,6 +56,25 @@ struct ModelArgs {
     /// The KV cache's element type, f16 or f32 (default: f16 for quantized models, f32 otherwise).
     #[arg(long, value_parser = parse_kv_cache)]
     kv_cache: Option<KvType>,
+    /// Qwen2-VL from GGUF: the fewest image tokens an image becomes (llama.cpp's
+    /// --image-min-tokens; the GGUF does not say; default 8).
+    #[arg(long)]
+    image_min_tokens: Option<usize>,
+    /// Qwen2-VL from GGUF: the most image tokens an image becomes (default 4096).
+    #[arg(long)]
+    image_max_tokens: Option<usize>,
+}
+
+impl ModelArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            isq: self.isq,
+            vision: self.vision_dtype,
+            kv_cache: self.kv_cache,
+            image_min_tokens: self.image_min_tokens,
+            image_max_tokens: self.image_max_tokens,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -195,7 +214,7 @@ fn load(args: &ModelArgs) -> Result<(Vlm, f64)> {
     set_threads(args.threads);
     let (model, mmproj) = model_files(args)?;
     let start = Instant::now();
-    let opts = LoadOptions { isq: args.isq, vision: args.vision_dtype, kv_cache: args.kv_cache };
+    let opts = args.load_options();
     let vlm = Vlm::load_with(&model, mmproj.as_deref(), &opts).context("loading the model")?;
     Ok((vlm, start.elapsed().as_secs_f64() * 1e3))
 }
@@ -277,7 +296,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         model,
         mmproj,
-        load: LoadOptions { isq: args.model.isq, vision: args.model.vision_dtype, kv_cache: args.model.kv_cache },
+        load: args.model.load_options(),
         host: args.host,
         port: args.port,
         api_key: args.api_key,

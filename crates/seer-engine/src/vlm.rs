@@ -13,7 +13,7 @@ use seer_models::weights::SafetensorsSource;
 use seer_models::{KvCache, KvType, ModelError};
 use seer_models::idefics3::Idefics3;
 use seer_models::qwen2vl::{self, Qwen2Vl, RopeIndex};
-use seer_vision::qwen2vl::Qwen2VlProcessorConfig;
+use seer_vision::qwen2vl::{Qwen2VlProcessorConfig, Qwen2VlStyle};
 use seer_vision::clip::{ClipProcessorConfig, Pixels};
 use seer_vision::idefics3::{Idefics3ProcessorConfig, Idefics3Size};
 use seer_vision::resample::{Filter, PassOrder};
@@ -28,10 +28,19 @@ use crate::tokenizer::Tokenizer;
 pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5), Idefics3ForConditionalGeneration \
                              (SmolVLM), Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration from a \
                              Hugging Face folder; a GGUF `llama` text model with an LLaVA `mlp` or SmolVLM `idefics3` \
-                             projector (mmproj)";
+                             projector (mmproj), or a `qwen2vl` text model with a `qwen2vl_merger` or \
+                             `qwen2.5vl_merger` projector";
 
 /// llama.cpp's default media marker; any string works since it never reaches the tokenizer.
 const MEDIA_MARKER: &str = "<__media__>";
+
+/// What mtmd writes around each image's embeddings for Qwen2-VL's projectors.
+const VISION_START: &str = "<|vision_start|>";
+const VISION_END: &str = "<|vision_end|>";
+
+/// llama.cpp's bounds on a Qwen2-VL image in merged tokens (clip.cpp), where
+/// [`LoadOptions`] gives none: 8 .. 4096 tokens of 28×28 pixels.
+pub const LLAMACPP_QWEN2VL_IMAGE_TOKENS: (usize, usize) = (8, 4096);
 
 pub enum Preprocess {
     /// The model's Hugging Face image processor.
@@ -42,7 +51,8 @@ pub enum Preprocess {
     /// resizes with the horizontal pass first always, Pillow 13 not always.
     Idefics3 { cfg: Idefics3ProcessorConfig, order: PassOrder },
     /// Qwen2-VL's native resolution: resized to multiples of 28 within the pixel bounds,
-    /// then cut into flattened patches.
+    /// then cut into flattened patches; stretched to that size as transformers does, or
+    /// letterboxed as llama.cpp does (the config's `style`).
     Qwen2Vl(Qwen2VlProcessorConfig),
 }
 
@@ -50,6 +60,7 @@ impl Preprocess {
     /// What happens to transparency: HF processors composite onto white, llama.cpp drops it.
     pub fn alpha_mode(&self) -> seer_vision::AlphaMode {
         match self {
+            Preprocess::Qwen2Vl(cfg) if cfg.style == Qwen2VlStyle::LlamaCpp => seer_vision::AlphaMode::Drop,
             Preprocess::Hf(_) | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. } | Preprocess::Qwen2Vl(_) => {
                 seer_vision::AlphaMode::OverWhite
             }
@@ -159,6 +170,12 @@ pub struct LoadOptions {
     pub vision: VisionDtype,
     /// The KV cache's element type; by default f16 for quantized models, f32 otherwise.
     pub kv_cache: Option<KvType>,
+    /// Qwen2-VL from GGUF: the fewest and the most merged tokens (28×28 pixels each) an
+    /// image becomes, as llama.cpp's `--image-min-tokens` / `--image-max-tokens`; by
+    /// default llama.cpp's [`LLAMACPP_QWEN2VL_IMAGE_TOKENS`]. Hugging Face folders keep
+    /// their processor's pixel bounds.
+    pub image_min_tokens: Option<usize>,
+    pub image_max_tokens: Option<usize>,
 }
 
 /// The precision of the vision tower's and projector's matrix products.
@@ -323,7 +340,7 @@ impl Vlm {
                 model.display()
             ))
         })?;
-        load_gguf(model, mmproj, opts.vision).map(|v| v.with_kv_cache(opts.kv_cache))
+        load_gguf(model, mmproj, opts).map(|v| v.with_kv_cache(opts.kv_cache))
     }
 
     fn with_kv_cache(mut self, dtype: Option<KvType>) -> Self {
@@ -502,7 +519,7 @@ fn read_image_processor<T>(dir: &Path, parse: impl Fn(&Value) -> std::result::Re
     Err(ModelError::io(dir.join("preprocessor_config.json"), std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
 }
 
-fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
+fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Result<Vlm> {
     let text = Arc::new(GgufFile::open(model)?);
     let proj = Arc::new(GgufFile::open(mmproj)?);
     let arch = text.architecture()?.to_string();
@@ -520,7 +537,9 @@ fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
         ))
         .into());
     }
-    if arch != "llama" {
+    // A Qwen2-VL projector goes on to check its text model itself (M-RoPE, width).
+    let qwen = qwen2vl::Variant::from_projector_type(&proj).is_some();
+    if arch != "llama" && !qwen {
         return Err(ModelError::UnsupportedArchitecture { found: format!("{arch} (in {})", model.display()), supported: SUPPORTED.into() }.into());
     }
     let (tokenizer, chat_template) = Tokenizer::from_gguf(&text)?;
@@ -533,6 +552,22 @@ fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
         .tensor_infos()
         .filter(|t| t.shape.len() == 2 && t.name.contains(".blk."))
         .all(|t| matches!(t.dtype, Some(GgmlDType::F16 | GgmlDType::BF16)));
+    let vision = opts.vision;
+    if qwen {
+        let (qwen, preprocess) = qwen2vl_gguf(text, &proj, vision.bf16(sixteen_bit), opts, &tokenizer)?;
+        return Ok(Vlm {
+            model: Model::Qwen2Vl(qwen),
+            tokenizer,
+            template,
+            // mtmd writes `<|vision_start|>`, the image's embeddings and `<|vision_end|>`
+            // where the marker was. Both are special tokens, which cut the text around
+            // them, so writing them around the marker gives mtmd's ids.
+            image_parts: ImageParts::MarkerFirst(format!("{VISION_START}{MEDIA_MARKER}{VISION_END}")),
+            image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
+            preprocess,
+            name: model_name,
+        });
+    }
     if proj.opt_str("clip.projector_type") == Some("idefics3") {
         let smol = Idefics3::load_gguf(text, proj.clone(), vision.bf16(sixteen_bit))?;
         let image_token = smol.config.image_token_id.ok_or_else(|| {
@@ -573,6 +608,44 @@ fn load_gguf(model: &Path, mmproj: &Path, vision: VisionDtype) -> Result<Vlm> {
         image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
         preprocess,
         name: model_name,
+    })
+}
+
+/// Qwen2-VL or Qwen2.5-VL from a `qwen2vl` text model and its merger mmproj, with
+/// llama.cpp's preprocessing.
+fn qwen2vl_gguf(text: Arc<GgufFile>, proj: &Arc<GgufFile>, vision_bf16: bool, opts: &LoadOptions, tokenizer: &Tokenizer) -> Result<(Qwen2Vl, Preprocess)> {
+    let path = text.path().display().to_string();
+    let qwen = Qwen2Vl::load_gguf(text, proj.clone(), vision_bf16)?;
+    let preprocess = Preprocess::Qwen2Vl(llamacpp_qwen2vl_processor(proj, &qwen, opts)?);
+    if let Some(missing) = [VISION_START, VISION_END].into_iter().find(|t| tokenizer.token_to_id(t).is_none()) {
+        return Err(ModelError::Mismatch(format!("{path}: the vocabulary has no `{missing}` token for Qwen2-VL's images")).into());
+    }
+    Ok((qwen, preprocess))
+}
+
+/// mtmd's preprocessing for a Qwen2-VL projector: the tower's patching, the mmproj's
+/// mean and std, llama.cpp's sizing and letterbox, and the image's size bounds in merged
+/// tokens from `opts` (else llama.cpp's).
+fn llamacpp_qwen2vl_processor(proj: &GgufFile, model: &Qwen2Vl, opts: &LoadOptions) -> Result<Qwen2VlProcessorConfig> {
+    let v = &model.config.vision;
+    let min = opts.image_min_tokens.unwrap_or(LLAMACPP_QWEN2VL_IMAGE_TOKENS.0);
+    let max = opts.image_max_tokens.unwrap_or(LLAMACPP_QWEN2VL_IMAGE_TOKENS.1);
+    if max == 0 || min > max {
+        return Err(EngineError::BadRequest(format!(
+            "image tokens {min}..{max}: the minimum must not exceed the maximum, and the maximum must be at least 1"
+        )));
+    }
+    let token_pixels = ((v.patch_size * v.merge_size) as u64).pow(2);
+    Ok(Qwen2VlProcessorConfig {
+        min_pixels: min as u64 * token_pixels,
+        max_pixels: max as u64 * token_pixels,
+        image_mean: f32x3(proj, "clip.vision.image_mean")?.map(f64::from),
+        image_std: f32x3(proj, "clip.vision.image_std")?.map(f64::from),
+        patch_size: v.patch_size,
+        temporal_patch_size: v.temporal_patch_size,
+        merge_size: v.merge_size,
+        style: Qwen2VlStyle::LlamaCpp,
+        ..Qwen2VlProcessorConfig::default()
     })
 }
 

@@ -20,7 +20,6 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 /// How the server treats downloads of one file.
 #[derive(Clone, Copy, PartialEq)]
 enum Cut {
-    Never,
     /// The first full download stops after half the body.
     Once,
     /// Every download stops after half the body.
@@ -116,7 +115,6 @@ impl FakeHub {
     fn should_cut(&self) -> bool {
         let mut done = self.cuts_done.lock().unwrap();
         let cut = match self.cut {
-            Cut::Never => false,
             Cut::Once => *done == 0,
             Cut::Always => true,
         };

@@ -143,10 +143,15 @@ pub const GGUF_NAMES: GgufNames = GgufNames {
 /// llama.cpp detects such files by shape, and so does seer. For them, the two names swap
 /// before mapping.
 pub fn swap_fc(hf: &str) -> String {
-    if hf.contains(".mlp.fc1.") {
-        hf.replace(".mlp.fc1.", ".mlp.fc2.")
+    swap_parts(hf, ".mlp.fc1.", ".mlp.fc2.")
+}
+
+/// `name` with `a` written as `b`, or else `b` as `a`.
+pub(crate) fn swap_parts(name: &str, a: &str, b: &str) -> String {
+    if name.contains(a) {
+        name.replace(a, b)
     } else {
-        hf.replace(".mlp.fc2.", ".mlp.fc1.")
+        name.replace(b, a)
     }
 }
 

@@ -261,6 +261,19 @@ impl GgufFile {
         }
     }
 
+    /// An array of non-negative integers; `None` when the key is missing or holds
+    /// anything else.
+    pub fn opt_usizes(&self, key: &str) -> Option<Vec<usize>> {
+        self.opt_array(key)?.iter().map(|v| as_u64(v).and_then(|x| usize::try_from(x).ok())).collect()
+    }
+
+    /// The id of a token in the vocabulary (`tokenizer.ggml.tokens`); the last one
+    /// when the text repeats, as in llama.cpp.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        let tokens = self.opt_array("tokenizer.ggml.tokens")?;
+        tokens.iter().rposition(|t| matches!(t, GgufValue::String(s) if s == text)).map(|i| i as u32)
+    }
+
     /// `general.architecture`: "llama", "qwen2", "clip", ...
     pub fn architecture(&self) -> Result<&str> {
         self.get_str("general.architecture")

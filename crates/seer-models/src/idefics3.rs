@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::clip::{self, Activation, ClipVisionConfig, EncoderLayer};
 use crate::error::{ModelError, Result};
-use crate::gguf::{GgufFile, GgufValue};
+use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::layers::LayerNorm;
 use crate::linear::Linear;
@@ -64,7 +64,7 @@ impl Idefics3Config {
             vision,
             text: LlamaConfig::from_gguf(text)?,
             scale_factor,
-            image_token_id: token_id(text, "<image>"),
+            image_token_id: text.token_id("<image>"),
         })
     }
 
@@ -80,12 +80,6 @@ fn with_defaults(mut defaults: Value, given: Option<&Value>) -> Value {
         out.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     defaults
-}
-
-/// The id of a token in a GGUF vocabulary (the last one when the text repeats, as in llama.cpp).
-fn token_id(f: &GgufFile, text: &str) -> Option<u32> {
-    let tokens = f.opt_array("tokenizer.ggml.tokens")?;
-    tokens.iter().rposition(|t| matches!(t, GgufValue::String(s) if s == text)).map(|i| i as u32)
 }
 
 /// llama.cpp's mmproj names, seen from `model` (`vision_model.*`, `connector.*`).

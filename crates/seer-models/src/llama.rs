@@ -57,12 +57,40 @@ fn get_usize(v: &Value, key: &str) -> Option<usize> {
 /// frequency pairs.
 fn mrope_section(v: &Value, head_dim: usize) -> Result<[usize; 3]> {
     let parts: Option<Vec<usize>> = v.as_array().and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect());
-    match parts.as_deref() {
-        Some(&[t, h, w]) if t + h + w == head_dim / 2 => Ok([t, h, w]),
-        _ => Err(ModelError::Config(format!(
-            "mrope_section {v} must be three lengths summing to head_dim / 2 = {}",
-            head_dim / 2
-        ))),
+    parts.and_then(|p| mrope_runs(&p, head_dim)).ok_or_else(|| bad_mrope(&format!("mrope_section {v}"), head_dim))
+}
+
+/// M-RoPE's runs from a GGUF's `{arch}.rope.dimension_sections`, where it has one.
+/// llama.cpp writes four lengths; the fourth is 0 for Qwen2-VL (M-RoPE proper, the
+/// three runs cover the head) and is refused otherwise.
+fn gguf_mrope_section(f: &GgufFile, key: &str, head_dim: usize) -> Result<Option<[usize; 3]>> {
+    let Some(mut parts) = f.opt_usizes(key) else { return Ok(None) };
+    if parts.len() == 4 && parts[3] == 0 {
+        parts.pop();
+    }
+    let what = format!("`{key}` {parts:?} in {}", f.path().display());
+    mrope_runs(&parts, head_dim).map(Some).ok_or_else(|| bad_mrope(&what, head_dim))
+}
+
+/// Three run lengths that cover the `head_dim / 2` frequency pairs.
+fn mrope_runs(parts: &[usize], head_dim: usize) -> Option<[usize; 3]> {
+    match *parts {
+        [t, h, w] if t + h + w == head_dim / 2 => Some([t, h, w]),
+        _ => None,
+    }
+}
+
+fn bad_mrope(what: &str, head_dim: usize) -> ModelError {
+    ModelError::Config(format!("{what} must be three lengths summing to head_dim / 2 = {}", head_dim / 2))
+}
+
+/// How llama.cpp pairs rotary dimensions for a GGUF architecture. Its converter permutes
+/// the Q and K rows of `llama` checkpoints so that adjacent dimensions pair up; Qwen2 and
+/// Qwen2-VL keep Hugging Face's order and run NEOX-style (M-RoPE is NEOX-style too).
+fn gguf_rope_style(arch: &str) -> RopeStyle {
+    match arch {
+        "qwen2" | "qwen2vl" => RopeStyle::Half,
+        _ => RopeStyle::Interleaved,
     }
 }
 
@@ -112,12 +140,13 @@ impl LlamaConfig {
         })
     }
 
-    /// From the `llama.*` metadata of a GGUF file.
+    /// From the `{arch}.*` metadata of a GGUF file (`llama`, or `qwen2vl` with M-RoPE).
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let arch = f.architecture()?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
         let hidden = f.get_u32(&key("embedding_length"))? as usize;
         let heads = f.get_u32(&key("attention.head_count"))? as usize;
+        let head_dim = f.opt_u32(&key("attention.key_length")).map_or(hidden / heads.max(1), |x| x as usize);
         let vocab = f.tensor_shape("token_embd.weight")?[0];
         Ok(LlamaConfig {
             hidden_size: hidden,
@@ -125,14 +154,14 @@ impl LlamaConfig {
             num_hidden_layers: f.get_u32(&key("block_count"))? as usize,
             num_attention_heads: heads,
             num_key_value_heads: f.opt_u32(&key("attention.head_count_kv")).map_or(heads, |x| x as usize),
-            head_dim: f.opt_u32(&key("attention.key_length")).map_or(hidden / heads, |x| x as usize),
+            head_dim,
             vocab_size: vocab,
             rms_norm_eps: f.opt_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f64,
             rope_theta: f.opt_f32(&key("rope.freq_base")).unwrap_or(10000.0) as f64,
             max_position_embeddings: f.opt_u32(&key("context_length")).map_or(4096, |x| x as usize),
             tie_word_embeddings: !f.has_tensor("output.weight"),
-            rope_style: RopeStyle::Interleaved,
-            mrope_section: None,
+            rope_style: gguf_rope_style(&arch),
+            mrope_section: gguf_mrope_section(f, &key("rope.dimension_sections"), head_dim)?,
         })
     }
 }

@@ -9,6 +9,9 @@
 //! fc1/fc2 MLP; Qwen2.5-VL has RMSNorm, a gated SiLU MLP with biases, and attends within
 //! windows of `window_size` pixels except in `fullatt_block_indexes`. Either way, patches
 //! attend only to patches of the same image (and frame).
+//!
+//! Both load from Hugging Face folders and from llama.cpp's GGUF files (a `qwen2vl` text
+//! model plus a `qwen2vl_merger` / `qwen2.5vl_merger` mmproj, [`Qwen2Vl::load_gguf`]).
 
 use std::sync::Arc;
 
@@ -19,18 +22,30 @@ use serde_json::Value;
 
 use crate::clip::Activation;
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::layers::{LayerNorm, RmsNorm};
 use crate::linear::{Linear, LinearWeight};
-use crate::llama::{Llama, LlamaConfig, Position};
-use crate::llava::find_prefix;
-use crate::weights::{SafetensorsSource, Vb};
+use crate::llama::{self, Llama, LlamaConfig, Position};
+use crate::llava::{self, find_prefix};
+use crate::weights::{GgufNames, GgufSource, NameMap, SafetensorsSource, Vb};
 
 /// Which family: decides the tower's norms, MLP and attention pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     Qwen2Vl,
     Qwen25Vl,
+}
+
+impl Variant {
+    /// The family an mmproj's `clip.projector_type` names, if it is one of these.
+    pub fn from_projector_type(mmproj: &GgufFile) -> Option<Self> {
+        match mmproj.opt_str("clip.projector_type")? {
+            "qwen2vl_merger" => Some(Variant::Qwen2Vl),
+            "qwen2.5vl_merger" => Some(Variant::Qwen25Vl),
+            _ => None,
+        }
+    }
 }
 
 /// The tower MLP's activation: CLIP's set, plus SiLU (Qwen2.5-VL).
@@ -90,6 +105,40 @@ fn usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
     }
 }
 
+/// The MLP's activation as llama.cpp picks it: `clip.use_silu` (Qwen2.5-VL),
+/// `clip.use_gelu` (tanh GELU in ggml), else quick GELU (Qwen2-VL).
+fn gguf_vision_act(f: &GgufFile) -> VisionAct {
+    if f.opt_bool("clip.use_silu") == Some(true) {
+        VisionAct::Silu
+    } else if f.opt_bool("clip.use_gelu") == Some(true) {
+        VisionAct::Clip(Activation::GeluTanh)
+    } else {
+        VisionAct::Clip(Activation::QuickGelu)
+    }
+}
+
+/// Whether the mmproj has its MLP's up and down matrices under each other's names (the
+/// legacy Qwen2-VL surgery script wrote them so; llama.cpp tells by `ffn_down` taking
+/// the tower's width as input, and so does seer), and the MLP's width.
+fn gguf_ffn_layout(f: &GgufFile, width: usize) -> Result<(bool, usize)> {
+    let name = "v.blk.0.ffn_down.weight";
+    match f.tensor_shape(name)?[..] {
+        [out, input] => Ok(if input == width { (true, out) } else { (false, input) }),
+        ref other => Err(ModelError::Mismatch(format!("tensor `{name}` in {} has shape {other:?}, not a matrix", f.path().display()))),
+    }
+}
+
+/// Qwen2.5-VL's full-attention blocks from `clip.vision.n_wa_pattern` n (the converter
+/// requires `fullatt_block_indexes` to be n-1, 2n-1, ...): blocks i with (i + 1) % n == 0,
+/// every block when n is 0 (no windows).
+fn gguf_full_attention(f: &GgufFile, variant: Variant, depth: usize) -> Result<Vec<usize>> {
+    if variant == Variant::Qwen2Vl {
+        return Ok(vec![]);
+    }
+    let n = f.get_u32("clip.vision.n_wa_pattern")? as usize;
+    Ok((0..depth).filter(|i| n == 0 || (i + 1) % n == 0).collect())
+}
+
 impl Qwen2VlVisionConfig {
     /// From `vision_config`; missing fields take transformers' defaults for `variant`.
     pub fn from_hf(v: &Value, variant: Variant) -> Result<Self> {
@@ -128,6 +177,41 @@ impl Qwen2VlVisionConfig {
             rope_theta: v.pointer("/rope_parameters/rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
             window_tokens: window_size / merge_size.max(1) / patch_size.max(1),
             fullatt_block_indexes: fullatt,
+        };
+        c.check()?;
+        Ok(c)
+    }
+
+    /// From a `qwen2vl_merger` / `qwen2.5vl_merger` mmproj. `feed_forward_length` is not
+    /// read: the converter writes Qwen2-VL's output width there; the tensors' shapes say
+    /// the MLP's width, as llama.cpp reads it.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let variant = Variant::from_projector_type(f).ok_or_else(|| ModelError::UnsupportedArchitecture {
+            found: format!("projector type {:?} in {}", f.opt_str("clip.projector_type"), f.path().display()),
+            supported: "qwen2vl_merger, qwen2.5vl_merger".into(),
+        })?;
+        let get = |k: &str| f.get_u32(&format!("clip.vision.{k}")).map(|x| x as usize);
+        let (width, depth) = (get("embedding_length")?, get("block_count")?);
+        let (patch_size, merge_size) = (get("patch_size")?, f.opt_u32("clip.vision.spatial_merge_size").unwrap_or(2) as usize);
+        let c = Qwen2VlVisionConfig {
+            variant,
+            width,
+            depth,
+            heads: get("attention.head_count")?,
+            mlp_width: gguf_ffn_layout(f, width)?.1,
+            out_width: f.tensor_shape("mm.2.weight")?[0],
+            act: gguf_vision_act(f),
+            in_channels: 3,
+            patch_size,
+            // The converter splits the Conv3d into its two frames (see `Qwen2Vl::load_gguf`).
+            temporal_patch_size: 2,
+            merge_size,
+            // llama.cpp's vision rope has this base, as transformers' default.
+            rope_theta: 10000.0,
+            // llama.cpp 0c1e57098 runs Qwen2.5-VL with 112-pixel windows whatever the
+            // file says (the converter writes none), as the released models have.
+            window_tokens: if variant == Variant::Qwen25Vl { 112 / merge_size.max(1) / patch_size.max(1) } else { 0 },
+            fullatt_block_indexes: gguf_full_attention(f, variant, depth)?,
         };
         c.check()?;
         Ok(c)
@@ -333,9 +417,41 @@ fn attend_group(q: &[f32], k: &[f32], v: &[f32], rows: &[usize], heads: usize, d
     }
 }
 
+/// The attention's input projection: fused in Hugging Face checkpoints (`attn.qkv`),
+/// split into q, k and v by llama.cpp's converter.
+enum Qkv {
+    Fused(Linear),
+    Split([Linear; 3]),
+}
+
+impl Qkv {
+    /// `vb` points at `attn`.
+    fn load(vb: &Vb, w: usize) -> Result<Self> {
+        if !vb.contains("q.weight") {
+            return Ok(Qkv::Fused(vb.pp("qkv").linear(w, 3 * w, true)?));
+        }
+        let one = |name: &str| vb.pp(name).linear(w, w, true);
+        Ok(Qkv::Split([one("q")?, one("k")?, one("v")?]))
+    }
+
+    /// q, k and v of `x` (`[patches, width]`), each `[patches, width]` row-major.
+    fn forward(&self, x: &Tensor) -> Result<[Vec<f32>; 3]> {
+        let rows = |y: Tensor| -> Result<Vec<f32>> { Ok(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        match self {
+            Qkv::Split([q, k, v]) => Ok([rows(q.forward(x)?)?, rows(k.forward(x)?)?, rows(v.forward(x)?)?]),
+            Qkv::Fused(qkv) => {
+                let (all, width) = (rows(qkv.forward(x)?)?, x.dim(1)?);
+                // Each row is [q | k | v].
+                let part = |i: usize| all.chunks_exact(3 * width).flat_map(|r| &r[i * width..(i + 1) * width]).copied().collect();
+                Ok([part(0), part(1), part(2)])
+            }
+        }
+    }
+}
+
 struct VisionBlock {
     norm1: Norm,
-    qkv: Linear,
+    qkv: Qkv,
     proj: Linear,
     norm2: Norm,
     mlp: VisionMlp,
@@ -347,7 +463,7 @@ impl VisionBlock {
         let w = c.width;
         Ok(VisionBlock {
             norm1: Norm::load(&vb.pp("norm1"), w, c.variant)?,
-            qkv: vb.pp("attn.qkv").linear(w, 3 * w, true)?,
+            qkv: Qkv::load(&vb.pp("attn"), w)?,
             proj: vb.pp("attn.proj").linear(w, w, true)?,
             norm2: Norm::load(&vb.pp("norm2"), w, c.variant)?,
             mlp: VisionMlp::load(&vb.pp("mlp"), c)?,
@@ -366,10 +482,8 @@ impl VisionBlock {
     fn attention(&self, x: &Tensor, rope: &VisionRope, groups: &[Vec<usize>]) -> Result<Tensor> {
         let (n, width) = x.dims2()?;
         let d = width / self.heads;
-        let qkv = self.qkv.forward(x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        // Each row is [q | k | v], each `[heads, d]`.
-        let part = |i: usize| -> Vec<f32> { qkv.chunks_exact(3 * width).flat_map(|r| &r[i * width..(i + 1) * width]).copied().collect() };
-        let (mut q, mut k, v) = (part(0), part(1), part(2));
+        // Each row of each is `[heads, d]`.
+        let [mut q, mut k, v] = self.qkv.forward(x)?;
         rope.apply(&mut q, self.heads);
         rope.apply(&mut k, self.heads);
         let mut y = vec![0f32; n * width];
@@ -419,14 +533,19 @@ pub struct Qwen2VisionTransformer {
 
 impl Qwen2VisionTransformer {
     pub fn load(vb: &Vb, c: &Qwen2VlVisionConfig) -> Result<Self> {
+        let (w, p) = (c.width, c.patch_size);
+        let conv = vb.tensor_shaped("patch_embed.proj.weight", &[w, c.in_channels, c.temporal_patch_size, p, p])?;
+        Self::with_patch_embed(vb, c, conv)
+    }
+
+    /// The tower under `vb` with the Conv3d kernel `conv` (`[width, channels, frames, p, p]`).
+    fn with_patch_embed(vb: &Vb, c: &Qwen2VlVisionConfig, conv: Tensor) -> Result<Self> {
         // The Conv3d's stride equals its kernel, so over the processor's flattened
         // patches (rows in the weight's [channel, time, row, column] order) it is a
         // matrix product. It runs in f64: on the fixtures its 1176-long sums were the
         // tower's largest f32 rounding error (7e-6 of the features' 1e-5, which the decoder
         // magnifies tenfold into the logits), and it is under 1% of the tower's work.
-        let (w, p) = (c.width, c.patch_size);
-        let conv = vb.tensor_shaped("patch_embed.proj.weight", &[w, c.in_channels, c.temporal_patch_size, p, p])?;
-        let patch_embed = Linear::new(LinearWeight::Dense(conv.reshape((w, c.patch_dim()))?.to_dtype(DType::F64)?), None);
+        let patch_embed = Linear::new(LinearWeight::Dense(conv.reshape((c.width, c.patch_dim()))?.to_dtype(DType::F64)?), None);
         let blocks = (0..c.depth).map(|i| VisionBlock::load(&vb.pp("blocks").pp(i), c)).collect::<Result<Vec<_>>>()?;
         Ok(Qwen2VisionTransformer { patch_embed, blocks, merger: PatchMerger::load(&vb.pp("merger"), c)?, config: c.clone() })
     }
@@ -504,6 +623,26 @@ impl Qwen2VlConfig {
             vision_start_token_id: id("vision_start_token_id"),
         })
     }
+
+    /// From a llama.cpp text model and its merger mmproj, refusing a pair that does not
+    /// fit: a projector as wide as the text model, a text model with M-RoPE.
+    pub fn from_gguf(text: &GgufFile, mmproj: &GgufFile) -> Result<Self> {
+        let vision = Qwen2VlVisionConfig::from_gguf(mmproj)?;
+        let text_config = LlamaConfig::from_gguf(text)?;
+        llava::require_projected_size(mmproj, text, vision.out_width, text_config.hidden_size)?;
+        let (mmproj_name, text_name) = (mmproj.path().display(), text.path().display());
+        if text_config.mrope_section.is_none() {
+            return Err(ModelError::Mismatch(format!(
+                "projector {mmproj_name} is Qwen2-VL's, whose image tokens need M-RoPE, but text model {text_name} \
+                 (architecture `{}`) has none (no `rope.dimension_sections`): this mmproj belongs to another model",
+                text.architecture()?
+            )));
+        }
+        let image_token_id = text.token_id("<|image_pad|>").ok_or_else(|| {
+            ModelError::Mismatch(format!("text model {text_name} has no `<|image_pad|>` token: not a Qwen2-VL vocabulary"))
+        })?;
+        Ok(Qwen2VlConfig { vision, text: text_config, image_token_id, vision_start_token_id: text.token_id("<|vision_start|>") })
+    }
 }
 
 /// The Qwen2 decoder as a [`LlamaConfig`]. transformers always runs Qwen2-VL's text model
@@ -527,6 +666,44 @@ fn qwen2_text_config(text: &Value, outer: &Value) -> Result<LlamaConfig> {
 /// writes) or transformers 5's module names (`model.language_model.*`, `model.visual.*`).
 const TEXT_PREFIXES: [&str; 2] = ["model", "model.language_model"];
 const VISION_PREFIXES: [&str; 2] = ["visual", "model.visual"];
+
+/// llama.cpp's mmproj names for the tower, seen from `visual`. The converter splits
+/// `attn.qkv` into q, k and v (`attn.q`, `attn.k`, `attn.v` to [`Qkv`]) and the Conv3d
+/// into one tensor per frame (read in [`Qwen2Vl::load_gguf`]).
+const GGUF_NAMES: GgufNames = GgufNames {
+    whole: &[
+        ("merger.ln_q.weight", "v.post_ln.weight"),
+        ("merger.ln_q.bias", "v.post_ln.bias"),
+        ("merger.mlp.0.weight", "mm.0.weight"),
+        ("merger.mlp.0.bias", "mm.0.bias"),
+        ("merger.mlp.2.weight", "mm.2.weight"),
+        ("merger.mlp.2.bias", "mm.2.bias"),
+    ],
+    layers: "blocks",
+    blocks: "v.blk",
+    modules: &[
+        ("norm1", "ln1"),
+        ("norm2", "ln2"),
+        ("attn.q", "attn_q"),
+        ("attn.k", "attn_k"),
+        ("attn.v", "attn_v"),
+        ("attn.proj", "attn_out"),
+        ("mlp.fc1", "ffn_up"),
+        ("mlp.fc2", "ffn_down"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ],
+};
+
+/// [`GGUF_NAMES`], with `ffn_up` and `ffn_down` trading places in a `swapped` file
+/// (see [`gguf_ffn_layout`]).
+fn gguf_name_map(swapped: bool) -> NameMap {
+    Arc::new(move |hf: &str| {
+        let name = GGUF_NAMES.map(hf)?;
+        Some(if swapped { crate::clip::swap_parts(&name, ".ffn_up.", ".ffn_down.") } else { name })
+    })
+}
 
 pub struct Qwen2Vl {
     visual: Qwen2VisionTransformer,
@@ -553,6 +730,29 @@ impl Qwen2Vl {
             visual: Qwen2VisionTransformer::load(&root.pp(vision).with_bf16(vision_bf16), &c.vision)?,
             // `lm_head` sits at the top level; without one the embeddings are tied.
             language_model: Llama::load(&root.pp(text).with_isq(isq), &root.with_isq(isq), &c.text)?,
+            config: c,
+        })
+    }
+
+    /// From a llama.cpp text model (`qwen2vl`) and its `qwen2vl_merger` /
+    /// `qwen2.5vl_merger` mmproj; `vision_bf16` runs the mmproj's matrices in bf16. The
+    /// tower follows transformers where llama.cpp parts from it (the merger's GELU is
+    /// exact here, ggml's is the tanh form).
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
+        let c = Qwen2VlConfig::from_gguf(&text, &mmproj)?;
+        let v = &c.vision;
+        // The converter writes frame 0 of the Conv3d kernel as `v.patch_embd.weight` and
+        // frame 1 as `v.patch_embd.weight.1`.
+        let raw = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| Some(n.to_string())))));
+        let frame = [v.width, v.in_channels, v.patch_size, v.patch_size];
+        let frames = [raw.tensor_shaped("v.patch_embd.weight", &frame)?, raw.tensor_shaped("v.patch_embd.weight.1", &frame)?];
+        let swapped = gguf_ffn_layout(&mmproj, v.width)?.0;
+        let tower = Vb::new(Arc::new(GgufSource::new(mmproj, gguf_name_map(swapped)))).with_bf16(vision_bf16);
+        let text = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n)))));
+        Ok(Qwen2Vl {
+            visual: Qwen2VisionTransformer::with_patch_embed(&tower, v, Tensor::stack(&frames, 2)?)?,
+            // No `output.weight`: the embeddings are tied.
+            language_model: Llama::load(&text, &text, &c.text)?,
             config: c,
         })
     }
@@ -671,6 +871,21 @@ mod tests {
             assert_eq!((order, bounds), (want, want_bounds), "{case}");
             assert!(groups.iter().all(|g| g.chunks(4).all(|m| m[3] == m[0] + 3)), "whole merge blocks");
         }
+    }
+
+    #[test]
+    fn mmproj_names_follow_llama_cpp() {
+        let plain = gguf_name_map(false);
+        assert_eq!(plain("blocks.2.attn.k.bias").unwrap(), "v.blk.2.attn_k.bias");
+        assert_eq!(plain("blocks.0.mlp.fc1.weight").unwrap(), "v.blk.0.ffn_up.weight");
+        assert_eq!(plain("blocks.3.mlp.gate_proj.bias").unwrap(), "v.blk.3.ffn_gate.bias");
+        assert_eq!(plain("merger.ln_q.weight").unwrap(), "v.post_ln.weight");
+        assert_eq!(plain("merger.mlp.2.bias").unwrap(), "mm.2.bias");
+        assert_eq!(plain("blocks.0.attn.qkv.weight"), None);
+        let swapped = gguf_name_map(true);
+        assert_eq!(swapped("blocks.1.mlp.fc1.weight").unwrap(), "v.blk.1.ffn_down.weight");
+        assert_eq!(swapped("blocks.1.mlp.down_proj.bias").unwrap(), "v.blk.1.ffn_up.bias");
+        assert_eq!(swapped("blocks.1.mlp.gate_proj.weight").unwrap(), "v.blk.1.ffn_gate.weight");
     }
 
     #[test]

@@ -402,23 +402,21 @@ pub(crate) fn rescale_normalize(
 /// in clip.cpp, not derived from the model's mean.
 pub const LLAMACPP_LLAVA_PAD: [u8; 3] = [122, 116, 104];
 
-/// The u8 stage of [`preprocess_llamacpp_llava`]: llama.cpp's
-/// `img_tool::resize(.., PAD_CEIL, ..)` to `image_size`².
-///
-/// The image is scaled to fit (the scale and the rounded-up sizes computed in
-/// f32, as llama.cpp does), resized with llama.cpp's port of Pillow's bicubic
-/// (always horizontal pass first), and pasted centred (offsets rounded down)
-/// on a canvas of [`LLAMACPP_LLAVA_PAD`]. A square input of the right size is
-/// copied unchanged.
+/// The u8 stage of [`preprocess_llamacpp_llava`]: [`llamacpp_letterbox`] to
+/// `image_size`² on a canvas of [`LLAMACPP_LLAVA_PAD`].
 pub fn llamacpp_llava_letterbox(img: &RgbImage, image_size: u32) -> RgbImage {
-    let (in_w, in_h) = img.dimensions();
-    if (in_w, in_h) == (image_size, image_size) {
+    llamacpp_letterbox(img, image_size, image_size, LLAMACPP_LLAVA_PAD)
+}
+
+/// llama.cpp's `img_tool::resize(.., PAD_CEIL, ..)` to `width`×`height`: the
+/// image scaled to fit ([`llamacpp_fit`]), resized with llama.cpp's port of
+/// Pillow's bicubic (always horizontal pass first), and pasted centred on a
+/// canvas of `pad`. An input of the target size is copied unchanged.
+pub fn llamacpp_letterbox(img: &RgbImage, width: u32, height: u32, pad: [u8; 3]) -> RgbImage {
+    if img.dimensions() == (width, height) {
         return img.clone();
     }
-    let target = image_size as f32;
-    let scale = (target / in_w as f32).min(target / in_h as f32);
-    let new_w = ((in_w as f32 * scale).ceil() as u32).min(image_size);
-    let new_h = ((in_h as f32 * scale).ceil() as u32).min(image_size);
+    let ((new_w, new_h), (x, y)) = llamacpp_fit(img.dimensions(), (width, height));
     let resized = resample::resize(
         img,
         new_w,
@@ -426,14 +424,20 @@ pub fn llamacpp_llava_letterbox(img: &RgbImage, image_size: u32) -> RgbImage {
         Filter::Bicubic,
         PassOrder::HorizontalFirst,
     );
-    let mut canvas = RgbImage::from_pixel(image_size, image_size, Rgb(LLAMACPP_LLAVA_PAD));
-    image::imageops::replace(
-        &mut canvas,
-        &resized,
-        i64::from((image_size - new_w) / 2),
-        i64::from((image_size - new_h) / 2),
-    );
+    let mut canvas = RgbImage::from_pixel(width, height, Rgb(pad));
+    image::imageops::replace(&mut canvas, &resized, i64::from(x), i64::from(y));
     canvas
+}
+
+/// Where [`llamacpp_letterbox`] puts a `from` = (width, height) image on a
+/// `to` canvas: the content's (width, height), scaled to fit with the scale
+/// and the rounded-up sides computed in f32 as llama.cpp does, and its top
+/// left corner (x, y), centred with the offsets rounded down.
+pub fn llamacpp_fit(from: (u32, u32), to: (u32, u32)) -> ((u32, u32), (u32, u32)) {
+    let scale = (to.0 as f32 / from.0 as f32).min(to.1 as f32 / from.1 as f32);
+    let w = ((from.0 as f32 * scale).ceil() as u32).min(to.0);
+    let h = ((from.1 as f32 * scale).ceil() as u32).min(to.1);
+    ((w, h), ((to.0 - w) / 2, (to.1 - h) / 2))
 }
 
 /// llama.cpp mtmd's preprocessing for a LLaVA-1.5 (`PROJECTOR_TYPE_MLP`)

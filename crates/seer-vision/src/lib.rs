@@ -8,7 +8,7 @@
 //! * [`idefics3`]: SmolVLM / Idefics3 tiling and prompt expansion, matching
 //!   transformers' `Idefics3ImageProcessorPil` and `Idefics3Processor`.
 //! * [`qwen2vl`]: Qwen2-VL / Qwen2.5-VL resizing and patch flattening,
-//!   matching transformers' `Qwen2VLImageProcessorPil`.
+//!   matching transformers' `Qwen2VLImageProcessorPil` or llama.cpp's mtmd.
 //! * [`resample`]: the Pillow-compatible resizer all of those rely on.
 
 mod fetch;

@@ -16,6 +16,10 @@
 //!
 //! A still image is one temporal patch: the frame is repeated
 //! `temporal_patch_size` times inside each row, and its grid is `[1, h, w]`.
+//!
+//! llama.cpp's mtmd sizes and resamples differently (a [`Qwen2VlStyle`] in the
+//! config): [`llamacpp_size`] instead of step 1, and in step 2 the image keeps
+//! its aspect ratio inside that size, centred on black.
 
 use std::path::Path;
 
@@ -24,8 +28,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::clip::{
-    channel_values, image_processor_dict, pil_filter, read_processor_config, rescale_normalize,
-    Pixels, CLIP_MEAN, CLIP_STD,
+    channel_values, image_processor_dict, llamacpp_letterbox, pil_filter, read_processor_config,
+    rescale_normalize, Pixels, CLIP_MEAN, CLIP_STD,
 };
 use crate::resample::{self, Filter, PassOrder};
 use crate::VisionError;
@@ -43,6 +47,20 @@ pub const MAX_ASPECT_RATIO: f64 = 200.0;
 struct SizeJson {
     shortest_edge: u64,
     longest_edge: u64,
+}
+
+/// Whose rules turn an image into the size the tower reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Qwen2VlStyle {
+    /// transformers' processor: [`smart_resize`], then stretched to that size
+    /// (Pillow 13 pass order).
+    #[default]
+    Transformers,
+    /// llama.cpp's mtmd for `qwen2vl_merger` / `qwen2.5vl_merger` projectors:
+    /// [`llamacpp_size`], then fitted inside that size keeping the aspect
+    /// ratio and centred on black (`PAD_CEIL`, horizontal pass first; see
+    /// [`crate::clip::llamacpp_letterbox`]).
+    LlamaCpp,
 }
 
 /// The image processor's settings (`processor_config.json`, nested, or a
@@ -73,6 +91,9 @@ pub struct Qwen2VlProcessorConfig {
     pub patch_size: usize,
     pub temporal_patch_size: usize,
     pub merge_size: usize,
+    /// Never in a config file: who seer follows ([`Qwen2VlStyle`]).
+    #[serde(skip)]
+    pub style: Qwen2VlStyle,
 }
 
 impl Default for Qwen2VlProcessorConfig {
@@ -91,6 +112,7 @@ impl Default for Qwen2VlProcessorConfig {
             patch_size: 14,
             temporal_patch_size: 2,
             merge_size: 2,
+            style: Qwen2VlStyle::Transformers,
         }
     }
 }
@@ -221,7 +243,43 @@ pub fn resized_size(
     if !cfg.do_resize {
         return Ok((width, height));
     }
-    smart_resize(width, height, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
+    let rule = match cfg.style {
+        Qwen2VlStyle::Transformers => smart_resize,
+        Qwen2VlStyle::LlamaCpp => llamacpp_size,
+    };
+    rule(width, height, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
+}
+
+/// llama.cpp's `img_tool::calc_size_preserved_ratio` (mtmd-image.cpp), the
+/// size mtmd gives the tower, as `(width, height)`: [`smart_resize`]'s rule in
+/// f32, with C's `round` (halves away from zero: 70 pixels become 84, not
+/// 56), each side at least `factor` from the start, and no aspect-ratio limit.
+/// A bound of 0 is no bound.
+pub fn llamacpp_size(
+    width: u32,
+    height: u32,
+    factor: u32,
+    min_pixels: u64,
+    max_pixels: u64,
+) -> Result<(u32, u32), VisionError> {
+    if width == 0 || height == 0 {
+        return Err(VisionError::Broken(format!("{width}x{height} image")));
+    }
+    let (w, h, f) = (width as f32, height as f32, factor as f32);
+    let by_factor = |x: f32, op: fn(f32) -> f32| op(x / f) as u32 * factor;
+    let mut w_bar = factor.max(by_factor(w, f32::round));
+    let mut h_bar = factor.max(by_factor(h, f32::round));
+    let area = u64::from(w_bar) * u64::from(h_bar);
+    if max_pixels > 0 && area > max_pixels {
+        let beta = (h * w / max_pixels as f32).sqrt();
+        h_bar = factor.max(by_factor(h / beta, f32::floor));
+        w_bar = factor.max(by_factor(w / beta, f32::floor));
+    } else if min_pixels > 0 && area < min_pixels {
+        let beta = (min_pixels as f32 / (h * w)).sqrt();
+        h_bar = by_factor(h * beta, f32::ceil);
+        w_bar = by_factor(w * beta, f32::ceil);
+    }
+    Ok((w_bar, h_bar))
 }
 
 /// The grid `[1, h, w]` (in patches) of a `width × height` image, from its
@@ -236,8 +294,9 @@ pub fn grid(
 }
 
 /// Steps 1 and 2: the resized u8 image (Pillow 13 pass order, as transformers
-/// with Pillow 13). Without `do_resize`, an image whose sides are not
-/// multiples of the factor is refused (transformers' reshape fails there too).
+/// with Pillow 13; llama.cpp's letterbox for [`Qwen2VlStyle::LlamaCpp`]).
+/// Without `do_resize`, an image whose sides are not multiples of the factor
+/// is refused (transformers' reshape fails there too).
 pub fn resize(img: &RgbImage, cfg: &Qwen2VlProcessorConfig) -> Result<RgbImage, VisionError> {
     let (w, h) = resized_size(img.width(), img.height(), cfg)?;
     if w % cfg.factor() != 0 || h % cfg.factor() != 0 {
@@ -249,13 +308,13 @@ pub fn resize(img: &RgbImage, cfg: &Qwen2VlProcessorConfig) -> Result<RgbImage, 
     if (w, h) == img.dimensions() {
         return Ok(img.clone());
     }
-    Ok(resample::resize(
-        img,
-        w,
-        h,
-        cfg.resample,
-        PassOrder::Pillow13,
-    ))
+    Ok(match cfg.style {
+        Qwen2VlStyle::Transformers => {
+            resample::resize(img, w, h, cfg.resample, PassOrder::Pillow13)
+        }
+        // mtmd's `image_pad_color` for these projectors is black.
+        Qwen2VlStyle::LlamaCpp => llamacpp_letterbox(img, w, h, [0, 0, 0]),
+    })
 }
 
 /// transformers' `Qwen2VLImageProcessorPil` on one RGB image. Pixel values
@@ -304,4 +363,134 @@ pub fn flatten_patches(pixels: &Pixels, cfg: &Qwen2VlProcessorConfig) -> Qwen2Vl
 
 fn row_major(rows: usize, cols: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rows).flat_map(move |r| (0..cols).map(move |c| (r, c)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::clip::llamacpp_fit;
+    use crate::resample::Filter;
+    use crate::{load_image, ImageInput, ImageLimits};
+
+    /// `--image-min-tokens` / `--image-max-tokens` of a reference's command, else
+    /// llama.cpp's defaults for Qwen2-VL (clip.cpp: 8 .. 4096 merged tokens).
+    fn token_bounds(command: &[Value]) -> (u64, u64) {
+        let arg = |flag: &str| {
+            let at = command.iter().position(|a| a == flag)?;
+            command[at + 1].as_str()?.parse().ok()
+        };
+        (
+            arg("--image-min-tokens").unwrap_or(8),
+            arg("--image-max-tokens").unwrap_or(4096),
+        )
+    }
+
+    /// Every image of the llama-mtmd-cli references (`llamacpp_images`): the size
+    /// mtmd gave the tower, the content box and offset inside it, the grid, and a
+    /// canvas that is black outside the content box.
+    #[test]
+    fn llamacpp_sizes_and_canvas_follow_mtmd() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2vl");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir.join("gguf")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("llamacpp-") || name.ends_with("-check.json") {
+                continue;
+            }
+            let r: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let command = r["command"].as_array().unwrap();
+            let (min, max) = token_bounds(command);
+            let cfg = Qwen2VlProcessorConfig {
+                min_pixels: min * 28 * 28,
+                max_pixels: max * 28 * 28,
+                style: Qwen2VlStyle::LlamaCpp,
+                ..Default::default()
+            };
+            let files = command
+                .windows(2)
+                .filter(|w| w[0] == "--image")
+                .map(|w| w[1].as_str().unwrap());
+            for (file, info) in files.zip(r["llamacpp_images"].as_array().unwrap()) {
+                let pair = |key: &str| -> (u32, u32) {
+                    serde_json::from_value(info[key].clone()).unwrap()
+                };
+                let (size, target) = (pair("size"), pair("target"));
+                assert_eq!(
+                    resized_size(size.0, size.1, &cfg).unwrap(),
+                    target,
+                    "{name}: size"
+                );
+                assert_eq!(
+                    llamacpp_fit(size, target),
+                    (pair("content"), pair("offset")),
+                    "{name}: content box"
+                );
+                let want_grid: [usize; 3] =
+                    serde_json::from_value(info["grid_thw"].clone()).unwrap();
+                assert_eq!(
+                    grid(size.0, size.1, &cfg).unwrap(),
+                    want_grid,
+                    "{name}: grid"
+                );
+                assert_eq!(
+                    image_tokens(want_grid, 2) as u64,
+                    info["tokens"].as_u64().unwrap(),
+                    "{name}: tokens"
+                );
+                let img =
+                    load_image(&ImageInput::Path(dir.join(file)), &ImageLimits::default()).unwrap();
+                check_canvas(
+                    &resize(&img, &cfg).unwrap(),
+                    &img,
+                    pair("content"),
+                    pair("offset"),
+                );
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 20,
+            "expected the F16 and Q8_0 references of both models, found {seen} images"
+        );
+    }
+
+    /// `canvas` holds `img` resized to `content` (horizontal pass first) at `offset`,
+    /// black elsewhere.
+    fn check_canvas(canvas: &RgbImage, img: &RgbImage, content: (u32, u32), offset: (u32, u32)) {
+        let inner = resample::resize(
+            img,
+            content.0,
+            content.1,
+            Filter::Bicubic,
+            PassOrder::HorizontalFirst,
+        );
+        for (x, y, p) in canvas.enumerate_pixels() {
+            let (cx, cy) = (x.wrapping_sub(offset.0), y.wrapping_sub(offset.1));
+            let want = if cx < content.0 && cy < content.1 {
+                *inner.get_pixel(cx, cy)
+            } else {
+                image::Rgb([0, 0, 0])
+            };
+            assert_eq!(*p, want, "pixel ({x}, {y})");
+        }
+    }
+
+    #[test]
+    fn llamacpp_size_rounds_halves_away_and_has_no_aspect_limit() {
+        assert_eq!(llamacpp_size(70, 70, 28, 0, 0).unwrap(), (84, 84));
+        assert_eq!(
+            smart_resize(70, 70, 28, 0, 1 << 20).unwrap(),
+            (56, 56),
+            "Python rounds halves to even"
+        );
+        assert_eq!(
+            llamacpp_size(10, 3000, 28, 8 * 784, 4096 * 784).unwrap(),
+            (28, 3000 / 28 * 28)
+        );
+        assert!(smart_resize(10, 3000, 28, 8 * 784, 4096 * 784).is_err());
+        assert!(llamacpp_size(0, 5, 28, 0, 0).is_err());
+    }
 }
