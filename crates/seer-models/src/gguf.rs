@@ -327,6 +327,23 @@ impl GgufFile {
         Ok(MappedBytes { map: self.mmap.clone(), start: info.offset as usize, len: info.size as usize })
     }
 
+    /// Tells the system that the tensor's pages in the map are not needed for now: call
+    /// it once the tensor has been copied out (a dense weight converted at load), so the
+    /// file's pages stop counting in this process's memory. The map is read-only and the
+    /// file unchanged, so a later read of the range simply faults the pages in again.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Ok(info) = self.tensor_info(name) {
+            let page = 4096;
+            let start = (info.offset as usize).next_multiple_of(page);
+            let end = (info.offset + info.size) as usize / page * page;
+            if end > start {
+                // SAFETY: a read-only file map: dropping its pages loses nothing.
+                let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+    }
+
     /// The tensor as stored (quantized or not), on the CPU.
     pub fn qtensor(&self, name: &str) -> Result<QTensor> {
         let dtype = self.tensor_dtype(name)?;

@@ -385,11 +385,21 @@ fn window_groups(grids: &[[usize; 3]], merge: usize, side: usize) -> Vec<Vec<usi
 }
 
 /// Non-causal attention among the patches `rows`: `q`, `k`, `v` and `out` are
-/// `[patches, heads, d]`. The group's keys and values are gathered head-major, the layout
-/// seer-kernels' attention reads.
-fn attend_group(q: &[f32], k: &[f32], v: &[f32], rows: &[usize], heads: usize, d: usize, out: &mut [f32]) {
+/// `[patches, heads, d]`. In f32 the group's keys and values are gathered head-major, the
+/// layout seer-kernels' cache attention reads; in bf16 all three stay row-major, as the
+/// bf16 kernel takes them.
+fn attend_group(q: &[f32], k: &[f32], v: &[f32], rows: &[usize], [heads, d]: [usize; 2], bf16: bool, out: &mut [f32]) {
     let (n, width) = (rows.len(), heads * d);
-    let q_rows: Vec<f32> = rows.iter().flat_map(|&r| &q[r * width..(r + 1) * width]).copied().collect();
+    let gather = |src: &[f32]| -> Vec<f32> { rows.iter().flat_map(|&r| &src[r * width..(r + 1) * width]).copied().collect() };
+    let q_rows = gather(q);
+    let mut y = vec![0f32; n * width];
+    if bf16 {
+        seer_kernels::attention_bf16(&q_rows, &gather(k), &gather(v), [n, heads, d], 1.0 / (d as f32).sqrt(), &mut y);
+        for (i, &r) in rows.iter().enumerate() {
+            out[r * width..(r + 1) * width].copy_from_slice(&y[i * width..(i + 1) * width]);
+        }
+        return;
+    }
     let head_major = |src: &[f32]| {
         let mut buf = vec![0f32; n * width];
         for (i, &r) in rows.iter().enumerate() {
@@ -410,7 +420,6 @@ fn attend_group(q: &[f32], k: &[f32], v: &[f32], rows: &[usize], heads: usize, d
         causal: false,
         scale: 1.0 / (d as f32).sqrt(),
     };
-    let mut y = vec![0f32; n * width];
     seer_kernels::attention(&shape, &q_rows, &k_heads, &v_heads, &mut y);
     for (i, &r) in rows.iter().enumerate() {
         out[r * width..(r + 1) * width].copy_from_slice(&y[i * width..(i + 1) * width]);
@@ -487,8 +496,10 @@ impl VisionBlock {
         rope.apply(&mut q, self.heads);
         rope.apply(&mut k, self.heads);
         let mut y = vec![0f32; n * width];
+        // In bf16 towers the two products of each group run in bf16 too.
+        let bf16 = self.proj.is_bf16();
         for rows in groups {
-            attend_group(&q, &k, &v, rows, self.heads, d, &mut y);
+            attend_group(&q, &k, &v, rows, [self.heads, d], bf16, &mut y);
         }
         Ok(self.proj.forward(&Tensor::from_vec(y, (n, width), x.device())?)?)
     }

@@ -336,9 +336,13 @@ impl TensorSource for GgufSource {
                 return Ok(Stored::Ggml(m));
             }
         }
-        match dtype {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Stored::Dense(self.file.tensor(&gname)?)),
-            _ => Ok(Stored::Quantized(self.file.qtensor(&gname)?)),
-        }
+        // Copied out of the map (as f32, or into candle's own blocks): the mapped pages
+        // are not needed any more.
+        let stored = match dtype {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Stored::Dense(self.file.tensor(&gname)?),
+            _ => Stored::Quantized(self.file.qtensor(&gname)?),
+        };
+        self.file.release(&gname);
+        Ok(stored)
     }
 }
