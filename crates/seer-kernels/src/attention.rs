@@ -1,9 +1,12 @@
 //! Attention read in place from a key/value cache: for each query row and head,
 //! `softmax(q·kᵀ·scale)·v`, causal or not, with the keys and values held as f32 or f16.
 //!
-//! The cache keeps each key/value head's positions contiguous (`[kv_heads, stride, d]`), so
-//! a head's keys stream from memory once per query block and nothing is copied or
-//! transposed first; grouped-query heads read their shared head directly. One task is one
+//! The cache keeps each key/value head's positions contiguous, so a head's keys stream from
+//! memory once per query block and nothing is copied first; grouped-query heads read their
+//! shared head directly. Values are `[kv_heads, stride, d]`. Keys are stored in blocks of
+//! [`KEY_BLOCK`] positions, dimension-major inside a block (`[kv_heads, stride / 16, d, 16]`,
+//! see [`key_index`]): sixteen scores then come out of one register per dimension, with no
+//! horizontal sum per key. One task is one
 //! query head over a block of query rows; tasks are claimed dynamically, which evens out
 //! the causal triangle's uneven rows.
 
@@ -62,8 +65,19 @@ pub struct AttnShape {
 /// Query rows per task.
 const QUERY_BLOCK: usize = 16;
 
-/// `q` is `[t, heads, head_dim]`, `k` and `v` are `[kv_heads, kv_stride, head_dim]`, `out`
-/// is `[t, heads, head_dim]`, all row-major.
+/// Key positions stored together, dimension-major.
+pub const KEY_BLOCK: usize = 16;
+
+/// Where dimension `c` of position `p` of key head `h` sits in a key buffer of `stride`
+/// positions per head (a multiple of [`KEY_BLOCK`]) and `d` dimensions.
+#[inline]
+pub fn key_index(h: usize, p: usize, c: usize, stride: usize, d: usize) -> usize {
+    h * stride * d + (p / KEY_BLOCK) * KEY_BLOCK * d + c * KEY_BLOCK + p % KEY_BLOCK
+}
+
+/// `q` is `[t, heads, head_dim]`, `v` is `[kv_heads, kv_stride, head_dim]`, `out` is
+/// `[t, heads, head_dim]`, all row-major; `k` is laid out as [`key_index`] says, with
+/// `kv_stride` a multiple of [`KEY_BLOCK`].
 pub fn attention<T: KvElem>(s: &AttnShape, q: &[f32], k: &[T], v: &[T], out: &mut [f32]) {
     attention_with(isa(), s, q, k, v, out)
 }
@@ -74,6 +88,7 @@ pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v:
     assert!(isa.is_available(), "seer-kernels: this CPU cannot run the {} path", isa.name());
     assert!(s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads), "attention: {} heads over {} kv heads", s.heads, s.kv_heads);
     assert!(s.kv_len <= s.kv_stride, "attention: {} keys in a cache of {}", s.kv_len, s.kv_stride);
+    assert!(s.kv_stride.is_multiple_of(KEY_BLOCK), "attention: a stride of {} positions is not whole key blocks", s.kv_stride);
     assert!(!s.causal || s.t <= s.kv_len, "attention: {} causal rows over {} keys", s.t, s.kv_len);
     assert!(q.len() >= s.t * s.heads * d && out.len() >= s.t * s.heads * d, "attention: q or out too short");
     let cache = s.kv_heads * s.kv_stride * d;
@@ -113,7 +128,7 @@ pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v:
                     // SAFETY: (i, h) pairs are disjoint across tasks; `out` holds t·heads·d.
                     let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
                     let o = unsafe { std::slice::from_raw_parts_mut(base.0.add(at), d) };
-                    row(isa, &q[at..at + d], &kh[..keys * d], &vh[..keys * d], s.scale, &mut scores[..keys], o);
+                    row(isa, &q[at..at + d], &kh[..keys.next_multiple_of(KEY_BLOCK) * d], &vh[..keys * d], s.scale, &mut scores[..keys], o);
                 }
             }
         })
@@ -158,11 +173,12 @@ pub(crate) fn softmax_in_place(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// `k` holds whole key blocks of one head (see [`key_index`]).
 fn row_scalar<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     let d = q.len();
     let mut max = f32::NEG_INFINITY;
-    for (s, kr) in scores.iter_mut().zip(k.chunks_exact(d)) {
-        *s = q.iter().zip(kr).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = q.iter().enumerate().map(|(c, a)| a * k[key_index(0, j, c, 0, d)].to_f32()).sum::<f32>() * scale;
         max = max.max(*s);
     }
     let mut sum = 0.0;
@@ -276,24 +292,28 @@ mod x86 {
         let d = q.len();
         let keys = scores.len();
         let (qp, kp, vp, sp, op) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..keys {
-            let kr = kp.add(j * d);
+        // Sixteen keys at a time: one register of scores, a broadcast of q per dimension.
+        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut j = 0;
+        while j < keys {
+            let kb = kp.add(j * d);
             let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             let mut c = 0;
-            while c + 32 <= d {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c)), load16(kr.add(c)), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c + 16)), load16(kr.add(c + 16)), a1);
-                c += 32;
+            while c + 2 <= d {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(c)), load16(kb.add(c * 16)), a0);
+                a1 = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(c + 1)), load16(kb.add(c * 16 + 16)), a1);
+                c += 2;
             }
             if c < d {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c)), load16(kr.add(c)), a0);
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(c)), load16(kb.add(c * 16)), a0);
             }
-            let s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-            *sp.add(j) = s;
-            max = max.max(s);
+            let m: __mmask16 = if keys - j >= 16 { 0xffff } else { (1u16 << (keys - j)) - 1 };
+            let s = _mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(sp.add(j), m, s);
+            maxv = _mm512_mask_max_ps(maxv, m, maxv, s);
+            j += 16;
         }
-        let mv = _mm512_set1_ps(max);
+        let mv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
         let mut sum = _mm512_setzero_ps();
         let mut j = 0;
         while j < keys {
@@ -329,22 +349,25 @@ mod x86 {
         let d = q.len();
         let keys = scores.len();
         let (qp, kp, vp, sp, op) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
+        // Sixteen keys at a time, as two registers of eight scores.
         let mut max = f32::NEG_INFINITY;
-        for j in 0..keys {
-            let kr = kp.add(j * d);
-            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut c = 0;
-            while c + 16 <= d {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), load8(kr.add(c)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c + 8)), load8(kr.add(c + 8)), a1);
-                c += 16;
+        let mut j = 0;
+        while j < keys {
+            let kb = kp.add(j * d);
+            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for c in 0..d {
+                let qc = _mm256_set1_ps(*qp.add(c));
+                lo = _mm256_fmadd_ps(qc, load8(kb.add(c * 16)), lo);
+                hi = _mm256_fmadd_ps(qc, load8(kb.add(c * 16 + 8)), hi);
             }
-            if c < d {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), load8(kr.add(c)), a0);
+            let mut block = [0f32; 16];
+            _mm256_storeu_ps(block.as_mut_ptr(), _mm256_mul_ps(lo, _mm256_set1_ps(scale)));
+            _mm256_storeu_ps(block.as_mut_ptr().add(8), _mm256_mul_ps(hi, _mm256_set1_ps(scale)));
+            for (i, &s) in block.iter().enumerate().take(keys - j) {
+                *sp.add(j + i) = s;
+                max = max.max(s);
             }
-            let s = hsum256(_mm256_add_ps(a0, a1)) * scale;
-            *sp.add(j) = s;
-            max = max.max(s);
+            j += 16;
         }
         let mv = _mm256_set1_ps(max);
         let mut sum = _mm256_setzero_ps();
@@ -396,8 +419,9 @@ mod tests {
                 let keys = if s.causal { s.kv_len - s.t + i + 1 } else { s.kv_len };
                 let qr = &q[(i * s.heads + h) * d..][..d];
                 let at = |buf: &[T], j: usize, c: usize| buf[(g * s.kv_stride + j) * d + c].to_f32() as f64;
+                let key = |j: usize, c: usize| k[key_index(g, j, c, s.kv_stride, d)].to_f32() as f64;
                 let sc: Vec<f64> = (0..keys)
-                    .map(|j| (0..d).map(|c| qr[c] as f64 * at(k, j, c)).sum::<f64>() * s.scale as f64)
+                    .map(|j| (0..d).map(|c| qr[c] as f64 * key(j, c)).sum::<f64>() * s.scale as f64)
                     .collect();
                 let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|x| (x - max).exp()).collect();
@@ -440,7 +464,7 @@ mod tests {
         let mut n = 0;
         for (heads, kv_heads) in [(1, 1), (4, 4), (6, 2), (8, 1)] {
             for d in [8, 16, 24, 64, 128, 136] {
-                for (t, kv_len, stride) in [(1, 1, 1), (1, 37, 64), (5, 5, 9), (19, 40, 40), (33, 33, 50)] {
+                for (t, kv_len, stride) in [(1, 1, 16), (1, 37, 64), (5, 5, 16), (19, 40, 48), (33, 33, 64), (2, 16, 16)] {
                     for causal in [true, false] {
                         let s = AttnShape { t, heads, kv_heads, head_dim: d, kv_len, kv_stride: stride, causal, scale: 1.0 / (d as f32).sqrt() };
                         check::<f32>(s, n);
@@ -456,11 +480,11 @@ mod tests {
     fn softmax_extremes_stay_finite() {
         // One huge score: the output is that key's value; every path's exp must underflow
         // cleanly for the others rather than produce NaN.
-        let s = AttnShape { t: 1, heads: 1, kv_heads: 1, head_dim: 16, kv_len: 20, kv_stride: 20, causal: false, scale: 1.0 };
+        let s = AttnShape { t: 1, heads: 1, kv_heads: 1, head_dim: 16, kv_len: 20, kv_stride: 32, causal: false, scale: 1.0 };
         let q = vec![10.0f32; 16];
-        let mut k = vec![-10.0f32; 20 * 16];
-        k[3 * 16..4 * 16].fill(10.0);
-        let v: Vec<f32> = (0..20 * 16).map(|i| (i / 16) as f32).collect();
+        let mut k = vec![-10.0f32; 32 * 16];
+        (0..16).for_each(|c| k[key_index(0, 3, c, 32, 16)] = 10.0);
+        let v: Vec<f32> = (0..32 * 16).map(|i| (i / 16) as f32).collect();
         for isa in crate::available_isas() {
             let mut out = vec![0f32; 16];
             attention_with(isa, &s, &q, &k, &v, &mut out);

@@ -35,7 +35,7 @@ mod avx512;
 mod gemm512;
 
 use act::{Act, Layout};
-pub use attention::{attention, attention_with, AttnShape, KvElem};
+pub use attention::{attention, attention_with, key_index, AttnShape, KvElem, KEY_BLOCK};
 pub use pointwise::{gelu_tanh, quick_gelu};
 pub use bf16::{attention_bf16, bf16_bits, bf16_to_f32, PackedBf16};
 

@@ -1,11 +1,12 @@
 //! Keys and values of the positions a sequence has seen, one pair per decoder layer, laid
-//! out for seer-kernels' attention: `[kv_heads, capacity, head_dim]`, so each head's
-//! positions are contiguous and a decode step writes only the new position. Buffers grow
+//! out for seer-kernels' attention: values `[kv_heads, capacity, head_dim]`, keys in blocks
+//! of 16 positions (`seer_kernels::key_index`), so each head's positions are contiguous
+//! and a decode step writes only the new position. Buffers grow
 //! by doubling. Quantized models keep f16 (as llama.cpp does by default: half the memory
 //! traffic per token); float models keep f32, exactly as their reference computes.
 
 use half::f16;
-use seer_kernels::{AttnShape, KvElem};
+use seer_kernels::{key_index, AttnShape, KvElem, KEY_BLOCK};
 
 /// The element type of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +61,14 @@ impl KvCache {
         if need <= self.capacity {
             return;
         }
-        let cap = need.max(self.capacity * 2).max(64);
+        let cap = need.max(self.capacity * 2).max(64).next_multiple_of(KEY_BLOCK);
         let (old, h, d, len) = (self.capacity, self.kv_heads, self.head_dim, self.len);
+        // Keys move in whole blocks of positions.
+        let key_len = len.next_multiple_of(KEY_BLOCK).min(old);
         for l in &mut self.layers {
             match l {
-                Buffers::F32(k, v) => (regrow(k, h, d, old, cap, len), regrow(v, h, d, old, cap, len)),
-                Buffers::F16(k, v) => (regrow(k, h, d, old, cap, len), regrow(v, h, d, old, cap, len)),
+                Buffers::F32(k, v) => (regrow(k, h, d, old, cap, key_len), regrow(v, h, d, old, cap, len)),
+                Buffers::F16(k, v) => (regrow(k, h, d, old, cap, key_len), regrow(v, h, d, old, cap, len)),
             };
         }
         self.capacity = cap;
@@ -81,8 +84,8 @@ impl KvCache {
         self.reserve(self.len + k.len() / row);
         let (h, d, cap, len) = (self.kv_heads, self.head_dim, self.capacity, self.len);
         match &mut self.layers[layer] {
-            Buffers::F32(kb, vb) => (scatter(kb, k, h, d, cap, len), scatter(vb, v, h, d, cap, len)),
-            Buffers::F16(kb, vb) => (scatter(kb, k, h, d, cap, len), scatter(vb, v, h, d, cap, len)),
+            Buffers::F32(kb, vb) => (scatter_keys(kb, k, h, d, cap, len), scatter(vb, v, h, d, cap, len)),
+            Buffers::F16(kb, vb) => (scatter_keys(kb, k, h, d, cap, len), scatter(vb, v, h, d, cap, len)),
         };
     }
 
@@ -133,6 +136,17 @@ fn regrow<T: KvElem>(buf: &mut Vec<T>, heads: usize, d: usize, old: usize, cap: 
         new[h * cap * d..][..len * d].copy_from_slice(&buf[h * old * d..][..len * d]);
     }
     *buf = new;
+}
+
+/// Writes key rows `[t, heads, d]` at positions `len..len + t`, in key blocks.
+fn scatter_keys<T: KvElem>(buf: &mut [T], src: &[f32], heads: usize, d: usize, cap: usize, len: usize) {
+    for (i, row) in src.chunks_exact(heads * d).enumerate() {
+        for (h, x) in row.chunks_exact(d).enumerate() {
+            for (c, &x) in x.iter().enumerate() {
+                buf[key_index(h, len + i, c, cap, d)] = T::from_f32(x);
+            }
+        }
+    }
 }
 
 /// Writes rows `[t, heads, d]` at positions `len..len + t` of `[heads, cap, d]`.

@@ -400,23 +400,25 @@ fn attend_group(q: &[f32], k: &[f32], v: &[f32], rows: &[usize], [heads, d]: [us
         }
         return;
     }
-    let head_major = |src: &[f32]| {
-        let mut buf = vec![0f32; n * width];
-        for (i, &r) in rows.iter().enumerate() {
-            for h in 0..heads {
-                buf[(h * n + i) * d..][..d].copy_from_slice(&src[r * width + h * d..][..d]);
+    // Keys in seer-kernels' blocks of positions, values head-major.
+    let stride = n.next_multiple_of(seer_kernels::KEY_BLOCK);
+    let mut k_heads = vec![0f32; heads * stride * d];
+    let mut v_heads = vec![0f32; heads * stride * d];
+    for (i, &r) in rows.iter().enumerate() {
+        for h in 0..heads {
+            for c in 0..d {
+                k_heads[seer_kernels::key_index(h, i, c, stride, d)] = k[r * width + h * d + c];
             }
+            v_heads[(h * stride + i) * d..][..d].copy_from_slice(&v[r * width + h * d..][..d]);
         }
-        buf
-    };
-    let (k_heads, v_heads) = (head_major(k), head_major(v));
+    }
     let shape = AttnShape {
         t: n,
         heads,
         kv_heads: heads,
         head_dim: d,
         kv_len: n,
-        kv_stride: n,
+        kv_stride: stride,
         causal: false,
         scale: 1.0 / (d as f32).sqrt(),
     };
