@@ -309,6 +309,61 @@ pub fn matmul_with(
     });
 }
 
+/// Several products of one activation row with different weights (a layer's q, k and v,
+/// or its gate and up projections) as one parallel pass: the row is quantized once and
+/// the threads meet once instead of once per matrix, which is most of what a small
+/// model's decode step waits on. `parts` are `(type, weights, rows)`, all with `cols`
+/// columns; `outs[i]` receives part `i`'s `rows` values. Falls back to one [`matmul`]
+/// per part where the parts' types quantize the row differently.
+pub fn matmul_many(parts: &[(QuantType, &[u8], usize)], cols: usize, x: &[f32], outs: &mut [&mut [f32]]) {
+    assert_eq!(parts.len(), outs.len(), "matmul_many: {} parts, {} outputs", parts.len(), outs.len());
+    let isa = isa();
+    let jobs: Vec<Job> = parts.iter().map(|&(t, w, rows)| Job { isa, t, w, rows, cols, n: 1 }).collect();
+    let layout = jobs.first().map(|j| j.layout());
+    let shared = jobs.iter().all(|j| Some(j.layout()) == layout && !j.gemm());
+    if !shared || cols == 0 || !cols.is_multiple_of(parts[0].0.block_size()) {
+        for (&(t, w, rows), out) in parts.iter().zip(outs.iter_mut()) {
+            matmul(t, w, rows, cols, x, 1, out);
+        }
+        return;
+    }
+    for (j, out) in jobs.iter().zip(outs.iter()) {
+        assert!(j.w.len() >= j.rows * j.t.row_bytes(cols) && out.len() >= j.rows, "matmul_many: a part's shapes do not match");
+    }
+    assert!(x.len() >= cols, "matmul_many: {cols} columns, got {} values", x.len());
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    // Chunks of rows that never straddle two parts, about eight per thread in all.
+    let exec = executor();
+    let total: usize = jobs.iter().map(|j| j.rows).sum();
+    let chunk = total.div_ceil(exec.threads.max(1) * 8).max(1);
+    let chunks: Vec<(usize, usize, usize)> =
+        jobs.iter().enumerate().flat_map(|(i, j)| (0..j.rows).step_by(chunk).map(move |r0| (i, r0, (r0 + chunk).min(j.rows)))).collect();
+    thread_local! {
+        static MANY: RefCell<Act> = RefCell::new(Act::default());
+    }
+    MANY.with(|cell| {
+        let mut own = Act::default();
+        let mut guard = cell.try_borrow_mut();
+        let act = match guard.as_deref_mut() {
+            Ok(a) => a,
+            Err(_) => &mut own,
+        };
+        act.prepare(layout.expect("at least one part"), &x[..cols], 1, cols, None);
+        let act: &Act = act;
+        let run = |range: std::ops::Range<usize>| {
+            let ptrs = &ptrs; // the whole Vec, not its raw pointers, is shared with the tasks
+            for &(i, r0, r1) in &chunks[range] {
+                jobs[i].rows_range(act, r0, r1, ptrs[i]);
+            }
+        };
+        if exec.threads <= 1 || chunks.len() < 2 || total * cols < PAR_MIN_MACS {
+            run(0..chunks.len());
+        } else {
+            (exec.run)(chunks.len(), &run);
+        }
+    });
+}
+
 /// One product, its shapes checked.
 #[derive(Clone, Copy)]
 pub(crate) struct Job<'a> {

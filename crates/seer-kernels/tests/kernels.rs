@@ -223,3 +223,30 @@ fn forced_paths_parse() {
     assert_eq!(Isa::parse("neon"), None);
     assert!(Isa::Scalar.is_available());
 }
+
+/// One pass over several matrices gives each matrix's product exactly, with types that
+/// share the activation layout (fused) and with a mix that does not (the fallback).
+#[test]
+fn matmul_many_equals_one_product_per_matrix() {
+    let mut rng = Rng(99);
+    let cols = 512;
+    for types in [
+        [QuantType::Q8_0, QuantType::Q8_0, QuantType::Q8_0],
+        [QuantType::Q4K, QuantType::Q4K, QuantType::Q4K],
+        [QuantType::Q4K, QuantType::Q4K, QuantType::Q6K],
+    ] {
+        let rows = [96, 17, 33];
+        let weights: Vec<Vec<u8>> =
+            types.iter().zip(rows).map(|(&t, r)| random_blocks(t, r * cols / t.block_size(), &mut rng)).collect();
+        let x = random_acts(cols, &mut rng);
+        let parts: Vec<(QuantType, &[u8], usize)> = types.iter().zip(&weights).zip(rows).map(|((&t, w), r)| (t, w.as_slice(), r)).collect();
+        let mut outs: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; r]).collect();
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        seer_kernels::matmul_many(&parts, cols, &x, &mut views);
+        for (i, &(t, w, r)) in parts.iter().enumerate() {
+            let mut want = vec![0f32; r];
+            seer_kernels::matmul(t, w, r, cols, &x, 1, &mut want);
+            assert_eq!(outs[i], want, "{types:?}: part {i}");
+        }
+    }
+}

@@ -175,6 +175,43 @@ impl Linear {
         !matches!(self.weight, LinearWeight::Dense(_))
     }
 
+    /// `x · Wᵢᵀ (+ bᵢ)` for each of `linears`, all with the same input width. A single input
+    /// row through quantized weights (a decode step) takes one pass of seer-kernels over
+    /// all of them; anything else runs them one by one.
+    pub fn forward_many(linears: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let mats: Option<Vec<&Arc<QuantMatrix>>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Ggml(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let cols = x.dims().last().copied().unwrap_or(0);
+        let single_row = x.elem_count() == cols;
+        let Some(mats) = mats.filter(|m| single_row && m.iter().all(|q| q.cols == cols)) else {
+            return linears.iter().map(|l| l.forward(x)).collect();
+        };
+        let input = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let parts: Vec<(QuantType, &[u8], usize)> = mats.iter().map(|m| (m.t, m.bytes(), m.rows)).collect();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows]).collect();
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        seer_kernels::matmul_many(&parts, cols, &input, &mut views);
+        let mut lead = x.dims().to_vec();
+        lead.pop();
+        outs.into_iter()
+            .zip(linears)
+            .map(|(o, l)| {
+                let mut dims = lead.clone();
+                dims.push(o.len());
+                let y = Tensor::from_vec(o, dims, x.device())?.to_dtype(x.dtype())?;
+                match &l.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            })
+            .collect()
+    }
+
     /// Whether the weight runs through the bf16 kernel.
     pub fn is_bf16(&self) -> bool {
         matches!(self.weight, LinearWeight::Bf16(_))

@@ -219,9 +219,10 @@ impl Attention {
     fn forward(&self, x: &Tensor, rope: &Rope, pos: Positions, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let rows = |y: Tensor| y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let mut q = rows(self.q_proj.forward(x)?)?;
-        let mut k = rows(self.k_proj.forward(x)?)?;
-        let v = rows(self.v_proj.forward(x)?)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("three projections".into()))?;
+        let (mut q, mut k, v) = (rows(q)?, rows(k)?, rows(v)?);
         rope.apply(&mut q, self.heads, self.head_dim, pos);
         rope.apply(&mut k, self.kv_heads, self.head_dim, pos);
         cache.append(layer, &k, &v);
@@ -249,8 +250,10 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("two projections".into()))?;
+        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
