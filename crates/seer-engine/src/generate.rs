@@ -131,20 +131,22 @@ impl Vlm {
             ImageSlot::Marker(marker) => self.split_on_marker(&text, marker)?,
         };
         let slots = segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
-        if slots == n_blocks {
-            let block_tokens = self.block_tokens(messages, n_blocks)?;
-            return Ok(Prompt { text, segments, block_tokens });
+        if slots != n_blocks {
+            return Err(self.misplaced_images(messages, slots));
         }
-        {
-            let n_images: usize = messages.iter().map(|m| m.images().count()).sum();
-            let marker = self.image_marker();
-            if messages.iter().flat_map(|m| &m.parts).any(|p| matches!(p, Part::Text(t) if t.contains(&marker))) {
-                return Err(EngineError::BadRequest(format!(
-                    "a message's text contains the image marker `{marker}`; send images as image parts"
-                )));
-            }
-            Err(EngineError::Template(format!("the chat template placed {slots} image(s) but the conversation has {n_images}")))
+        let block_tokens = self.block_tokens(messages, n_blocks)?;
+        Ok(Prompt { text, segments, block_tokens })
+    }
+
+    /// Why a rendered prompt holds another number of image slots than the conversation
+    /// has images: a marker typed into the text, or a template that drops or repeats them.
+    fn misplaced_images(&self, messages: &[Message], slots: usize) -> EngineError {
+        let marker = self.image_marker();
+        if messages.iter().flat_map(|m| &m.parts).any(|p| matches!(p, Part::Text(t) if t.contains(&marker))) {
+            return EngineError::BadRequest(format!("a message's text contains the image marker `{marker}`; send images as image parts"));
         }
+        let n_images: usize = messages.iter().map(|m| m.images().count()).sum();
+        EngineError::Template(format!("the chat template placed {slots} image(s) but the conversation has {n_images}"))
     }
 
     /// The embeddings of each of `n_blocks` image blocks: the model's fixed count, or
@@ -460,7 +462,7 @@ impl Vlm {
         let start = Instant::now();
         // Where the prompt depends on image sizes, decode each image once, up front.
         let decoded;
-        let req = if self.preprocess.expands() && req.messages.iter().flat_map(|m| m.images()).any(|i| !matches!(i, ImageInput::Decoded(_))) {
+        let req = if self.preprocess.needs_sizes() && req.messages.iter().flat_map(|m| m.images()).any(|i| !matches!(i, ImageInput::Decoded(_))) {
             let mut r = req.clone();
             self.decode_images(&mut r.messages, limits)?;
             decoded = r;
