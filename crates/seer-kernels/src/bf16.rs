@@ -215,6 +215,16 @@ mod tests {
         assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
     }
 
+    /// `n` values in [-1, 1) from a fixed linear congruential sequence.
+    fn uniform(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
     #[test]
     fn attention_matches_f64_within_bf16_rounding() {
         if !PackedBf16::available() {
@@ -223,14 +233,7 @@ mod tests {
         }
         let (t, heads, d) = (37, 3, 24);
         let mut seed = 11u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                })
-                .collect()
-        };
+        let mut rnd = |n: usize| uniform(n, &mut seed);
         let (q, k, v) = (rnd(t * heads * d), rnd(t * heads * d), rnd(t * heads * d));
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![f32::NAN; t * heads * d];
@@ -276,14 +279,7 @@ mod tests {
             return;
         }
         let mut seed = 7u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                })
-                .collect()
-        };
+        let mut rnd = |n: usize| uniform(n, &mut seed);
         for (m, n, k) in [(1, 1, 1), (3, 5, 7), (8, 32, 64), (9, 33, 65), (17, 70, 128), (577, 64, 96), (5, 1024, 1025)] {
             let x = rnd(m * k);
             let w = rnd(n * k);

@@ -141,22 +141,9 @@ impl CustomOp1 for GgmlMatMul {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = &self.0;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("seer-ggml-matmul: f32 input expected");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("seer-ggml-matmul: input is not contiguous");
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == w.cols => *last = w.rows,
-            _ => candle_core::bail!("seer-ggml-matmul: input {:?} against a [{}, {}] weight", layout.shape(), w.rows, w.cols),
-        }
-        let x = &data[start..end];
-        let n = x.len() / w.cols.max(1);
-        let mut out = vec![0f32; n * w.rows];
-        seer_kernels::matmul(w.t, w.bytes(), w.rows, w.cols, x, n, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        row_product(self.name(), storage, layout, (w.rows, w.cols), |x, n, out| {
+            seer_kernels::matmul(w.t, w.bytes(), w.rows, w.cols, x, n, out)
+        })
     }
 }
 
@@ -253,22 +240,34 @@ impl CustomOp1 for Bf16MatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, cols) = self.0.dims();
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("seer-bf16-matmul: f32 input expected");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("seer-bf16-matmul: input is not contiguous");
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == cols => *last = rows,
-            _ => candle_core::bail!("seer-bf16-matmul: input {:?} against a [{rows}, {cols}] weight", layout.shape()),
-        }
-        let x = &data[start..end];
-        let n = x.len() / cols.max(1);
-        let mut out = vec![0f32; n * rows];
-        self.0.matmul(x, n, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        row_product(self.name(), storage, layout, self.0.dims(), |x, n, out| self.0.matmul(x, n, out))
     }
+}
+
+/// The body of a `x · Wᵀ` op on candle's storage, read in place: checks that the input is
+/// contiguous f32 with `cols` in its last dimension, and lets `product(x, n, out)` fill
+/// the `n × rows` result.
+fn row_product(
+    op: &str,
+    storage: &CpuStorage,
+    layout: &Layout,
+    (rows, cols): (usize, usize),
+    product: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 input expected");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: input is not contiguous");
+    };
+    let mut dims = layout.shape().dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == cols => *last = rows,
+        _ => candle_core::bail!("{op}: input {:?} against a [{rows}, {cols}] weight", layout.shape()),
+    }
+    let x = &data[start..end];
+    let n = x.len() / cols.max(1);
+    let mut out = vec![0f32; n * rows];
+    product(x, n, &mut out);
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
 }
