@@ -23,6 +23,9 @@ pub enum EngineError {
     BadRequest(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// A JSON schema, grammar or pattern that cannot be compiled, found before decoding.
+    #[error("{0}")]
+    Constraint(String),
     /// A model that could not be fetched from the hub.
     #[error("download: {0}")]
     Download(String),
@@ -33,7 +36,7 @@ impl EngineError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            EngineError::Image { .. } | EngineError::ContextOverflow { .. } | EngineError::BadRequest(_)
+            EngineError::Image { .. } | EngineError::ContextOverflow { .. } | EngineError::BadRequest(_) | EngineError::Constraint(_)
         )
     }
 }

@@ -9,6 +9,7 @@ use seer_vision::{load_image_with, ImageInput, ImageLimits};
 use serde::Serialize;
 
 use crate::chat::{ImageParts, Message, Part};
+use crate::constraint::{Constraint, Guide};
 use crate::error::{EngineError, Result};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::TextStream;
@@ -30,6 +31,8 @@ pub struct GenerateRequest {
     /// rendering the chat template (KoboldCpp's `prompt`, Ollama's `raw`). The images of
     /// `messages` go before it, as KoboldCpp places them; their text is not used.
     pub raw_prompt: Option<String>,
+    /// What the answer must match (a JSON schema, a pattern, a grammar, a choice).
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerateRequest {
@@ -42,6 +45,7 @@ impl Default for GenerateRequest {
             stop: Vec::new(),
             logprobs: None,
             raw_prompt: None,
+            constraint: None,
         }
     }
 }
@@ -316,7 +320,13 @@ impl Vlm {
     /// Builds and measures a request's prompt without running the model: a server
     /// calls it before queueing, so a prompt too long for the context is refused at once.
     pub fn check_prompt(&self, req: &GenerateRequest) -> Result<Usage> {
+        self.guide(req)?;
         self.prompt_usage(&self.prompt_for(req)?)
+    }
+
+    /// The request's constraint, compiled; an invalid one is refused here.
+    fn guide(&self, req: &GenerateRequest) -> Result<Option<Guide>> {
+        req.constraint.as_ref().map(|c| self.grammars.start(&self.tokenizer, c)).transpose()
     }
 
     /// Fetches and decodes every image of the conversation now, replacing each with
@@ -472,6 +482,7 @@ impl Vlm {
         };
         let prompt = self.prompt_for(req)?;
         let Usage { prompt_tokens, image_tokens, .. } = self.prompt_usage(&prompt)?;
+        let mut guide = self.guide(req)?;
         let has_images = prompt.segments.iter().any(|s| matches!(s, Segment::Image(_)));
         let pixels = if has_images { Some(self.load_pixels(&req.messages, limits)?) } else { None };
         let context = self.context_length();
@@ -494,10 +505,17 @@ impl Vlm {
         while tokens.len() < req.max_tokens {
             let mut scores = logits.to_vec1::<f32>()?;
             sampler.penalize(&mut scores);
+            if let Some(g) = guide.as_mut() {
+                g.mask(&mut scores)?;
+            }
             let next = sampler.sample(&scores);
-            if !req.ignore_eos && self.tokenizer.stop_ids.contains(&next) {
+            // A constrained answer ends where its constraint allows the end, even for benchmarks.
+            if (!req.ignore_eos || guide.is_some()) && self.tokenizer.stop_ids.contains(&next) {
                 finish = FinishReason::Stop;
                 break;
+            }
+            if let Some(g) = guide.as_mut() {
+                g.accept(next)?;
             }
             if let Some(top) = req.logprobs {
                 logprobs.push(self.token_logprob(&scores, next, top));
@@ -509,7 +527,8 @@ impl Vlm {
                 finish = FinishReason::Cancelled;
                 break;
             }
-            if stopped {
+            // A complete constrained answer needs no end-of-sequence step.
+            if stopped || guide.as_ref().is_some_and(Guide::is_finished) {
                 finish = FinishReason::Stop;
                 break;
             }

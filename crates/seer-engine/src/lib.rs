@@ -2,6 +2,7 @@
 //! prompt assembly with images, sampling and the generation loop.
 
 pub mod chat;
+pub mod constraint;
 pub mod error;
 pub mod files;
 pub mod generate;
@@ -13,6 +14,7 @@ pub mod tokenizer;
 pub mod vlm;
 
 pub use chat::{Message, Part, Role};
+pub use constraint::Constraint;
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateRequest, Generation, Usage};
 pub use sampler::SamplingParams;

@@ -79,6 +79,11 @@ impl Tokenizer {
         self.encode_with_specials(text, false)
     }
 
+    /// The underlying Hugging Face tokenizer (GGUF vocabularies are converted to one).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_token.as_deref().and_then(|t| self.inner.token_to_id(t))
     }

@@ -307,6 +307,8 @@ pub struct Vlm {
     pub preprocess: Preprocess,
     /// What was loaded, for logs and `/v1/models`.
     pub name: String,
+    /// Compiles JSON schemas and grammars against this tokenizer.
+    pub grammars: crate::constraint::Grammars,
 }
 
 impl Vlm {
@@ -422,6 +424,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
         image_slot: ImageSlot::Token { id: image_token, per_block },
         preprocess,
         name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        grammars: Default::default(),
     })
 }
 
@@ -566,6 +569,7 @@ fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Result<Vlm> {
             image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
             preprocess,
             name: model_name,
+            grammars: Default::default(),
         });
     }
     if proj.opt_str("clip.projector_type") == Some("idefics3") {
@@ -592,6 +596,7 @@ fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Result<Vlm> {
             image_slot: ImageSlot::Token { id: image_token, per_block: cfg.image_seq_len },
             preprocess: Preprocess::Idefics3 { cfg, order: PassOrder::HorizontalFirst },
             name: model_name,
+            grammars: Default::default(),
         });
     }
     let preprocess = Preprocess::LlamaCppLlava {
@@ -608,6 +613,7 @@ fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Result<Vlm> {
         image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
         preprocess,
         name: model_name,
+        grammars: Default::default(),
     })
 }
 

@@ -72,6 +72,7 @@ impl From<EngineError> for ApiError {
         let code = match &e {
             EngineError::ContextOverflow { .. } => "context_length_exceeded",
             EngineError::Image { .. } => "invalid_image",
+            EngineError::Constraint(_) => "invalid_constraint",
             _ => "invalid_value",
         };
         ApiError { code: Some(code), ..ApiError::bad_request(e.to_string()) }

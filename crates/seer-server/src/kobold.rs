@@ -4,7 +4,7 @@
 
 use axum::extract::State;
 use axum::Json;
-use seer_engine::{FinishReason, GenerateRequest, Message, Part, Role, SamplingParams};
+use seer_engine::{Constraint, FinishReason, GenerateRequest, Message, Part, Role, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -33,6 +33,8 @@ pub struct KoboldRequest {
     /// KoboldCpp's name for generating past end-of-sequence.
     bypass_eos: Option<bool>,
     ignore_eos: Option<bool>,
+    /// A GBNF grammar, as KoboldCpp takes it.
+    grammar: Option<String>,
 }
 
 /// `POST /api/v1/generate`.
@@ -82,6 +84,7 @@ fn to_request(body: KoboldRequest, context: usize) -> Result<GenerateRequest, Ap
         ignore_eos: body.bypass_eos.or(body.ignore_eos).unwrap_or(false),
         stop: body.stop_sequence.unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect(),
         logprobs: None,
+        constraint: body.grammar.filter(|g| !g.trim().is_empty()).map(Constraint::Gbnf),
     })
 }
 

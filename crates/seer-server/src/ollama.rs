@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use seer_engine::{FinishReason, GenerateRequest, Generation, Message, Part, Role, SamplingParams};
+use seer_engine::{Constraint, FinishReason, GenerateRequest, Generation, Message, Part, Role, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -28,6 +28,8 @@ pub struct ChatRequest {
     options: Option<Options>,
     /// Not Ollama's: generate past end-of-sequence.
     ignore_eos: Option<bool>,
+    /// `"json"` or a JSON schema.
+    format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -47,6 +49,7 @@ pub struct GenerateBody {
     stream: Option<bool>,
     options: Option<Options>,
     ignore_eos: Option<bool>,
+    format: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -70,6 +73,7 @@ pub async fn chat(State(state): State<AppState>, JsonBody(body): JsonBody<ChatRe
         return Ok(Json(reply.loaded()).into_response());
     }
     let mut req = base_request(body.options, &state, body.ignore_eos)?;
+    req.constraint = format(body.format)?;
     req.messages = to_messages(body.messages)?;
     run(&state, req, reply, body.stream.unwrap_or(true)).await
 }
@@ -84,6 +88,7 @@ pub async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<Ge
         return Ok(Json(reply.loaded()).into_response());
     }
     let mut req = base_request(body.options, &state, body.ignore_eos)?;
+    req.constraint = format(body.format)?;
     if body.raw.unwrap_or(false) {
         req.messages = vec![Message { role: Role::User, parts: images }];
         req.raw_prompt = Some(prompt);
@@ -124,7 +129,19 @@ fn base_request(options: Option<Options>, state: &AppState, ignore_eos: Option<b
         stop: o.stop.unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect(),
         logprobs: None,
         raw_prompt: None,
+        constraint: None,
     })
+}
+
+/// Ollama's `format`: `"json"` for any JSON object, or a JSON schema.
+fn format(format: Option<Value>) -> Result<Option<Constraint>, ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(Constraint::json_object())),
+        Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema))),
+        Some(other) => Err(ApiError::invalid("format", format!("format must be \"json\" or a JSON schema object, not {other}"))),
+    }
 }
 
 /// Each message's images go before its text, as Ollama places them.

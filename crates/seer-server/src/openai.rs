@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{stream, StreamExt};
 use seer_engine::generate::TokenLogprob;
-use seer_engine::{FinishReason, GenerateRequest, Generation, Message, Part, SamplingParams};
+use seer_engine::{Constraint, FinishReason, GenerateRequest, Generation, Message, Part, SamplingParams};
 use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -47,6 +47,25 @@ pub struct ChatRequest {
     stream_options: Option<StreamOptions>,
     /// Not OpenAI's: generate past end-of-sequence (as vLLM's extension does).
     ignore_eos: Option<bool>,
+    response_format: Option<ResponseFormat>,
+    /// vLLM's constraints, which several clients send instead of `response_format`.
+    guided_json: Option<Value>,
+    guided_regex: Option<String>,
+    guided_choice: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// `name` and `strict` are accepted and not needed: every schema is enforced strictly.
+#[derive(Deserialize)]
+struct JsonSchemaFormat {
+    schema: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +159,7 @@ fn to_request(body: ChatRequest, state: &AppState, context: usize) -> Result<Gen
         presence_penalty: body.presence_penalty.unwrap_or(0.0),
     };
     let requested = body.max_completion_tokens.or(body.max_tokens).map(i64::from);
+    let constraint = constraint(body.response_format, body.guided_json, body.guided_regex, body.guided_choice)?;
     Ok(GenerateRequest {
         messages: to_messages(body.messages, state)?,
         max_tokens: submit::max_tokens(requested, context, context),
@@ -148,7 +168,27 @@ fn to_request(body: ChatRequest, state: &AppState, context: usize) -> Result<Gen
         stop: stops(body.stop)?,
         logprobs: body.logprobs.unwrap_or(false).then(|| body.top_logprobs.unwrap_or(0) as usize),
         raw_prompt: None,
+        constraint,
     })
+}
+
+/// The one constraint a request asks for, from OpenAI's `response_format` or vLLM's
+/// `guided_*` fields.
+fn constraint(format: Option<ResponseFormat>, json: Option<Value>, regex: Option<String>, choice: Option<Vec<String>>) -> Result<Option<Constraint>, ApiError> {
+    let format = match format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => Some(Constraint::json_object()),
+        // No schema: any JSON value.
+        Some(ResponseFormat::JsonSchema { json_schema }) => Some(Constraint::JsonSchema(json_schema.schema.unwrap_or_else(|| json!({})))),
+    };
+    let asked: Vec<Constraint> = [format, json.map(Constraint::JsonSchema), regex.map(Constraint::Regex), choice.map(Constraint::Choice)]
+        .into_iter()
+        .flatten()
+        .collect();
+    if asked.len() > 1 {
+        return Err(ApiError::invalid("response_format", "give one of response_format, guided_json, guided_regex and guided_choice"));
+    }
+    Ok(asked.into_iter().next())
 }
 
 fn check_params(body: &ChatRequest) -> Result<(), ApiError> {
