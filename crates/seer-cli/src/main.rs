@@ -234,16 +234,7 @@ fn load(args: &ModelArgs) -> Result<(Vlm, f64)> {
 /// in the cache yet.
 fn model_files(args: &ModelArgs) -> Result<(PathBuf, Option<PathBuf>)> {
     let spec = args.model.as_deref().unwrap_or(hub::DEFAULT_MODEL);
-    if !hub::is_hub_id(spec) {
-        if args.quant.is_some() {
-            bail!("--quant chooses a file in a hub repository; {spec} is a local path");
-        }
-        return Ok((PathBuf::from(spec), args.mmproj.clone()));
-    }
-    if args.mmproj.is_some() {
-        bail!("--mmproj is found beside the text model in hub repository {spec}; give a local GGUF file to pair it with");
-    }
-    let files = hub::fetch(spec, args.quant.as_deref(), &hub::HubOptions::from_env()).with_context(|| format!("fetching {spec}"))?;
+    let files = hub::resolve(spec, args.quant.as_deref(), args.mmproj.as_deref()).with_context(|| format!("model {spec}"))?;
     Ok((files.model, files.mmproj))
 }
 

@@ -84,6 +84,31 @@ fn with_bounded_whitespace(schema: &Value) -> Value {
     schema
 }
 
+/// Closes every object schema that lists its properties and says nothing of others to
+/// those properties (`"additionalProperties": false`), as OpenAI's strict mode reads a
+/// schema. Left open, an object lets the model add keys of its own choosing, with values
+/// of any length; a Rust type or a strict schema never wants them.
+pub fn close_objects(schema: &mut Value) {
+    let Some(map) = schema.as_object_mut() else { return };
+    if map.contains_key("properties") && !map.contains_key("additionalProperties") && !map.contains_key("patternProperties") {
+        map.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, child) in map.iter_mut() {
+        match key.as_str() {
+            // Maps from names to schemas.
+            "properties" | "patternProperties" | "$defs" | "definitions" => {
+                child.as_object_mut().into_iter().flat_map(|m| m.values_mut()).for_each(close_objects);
+            }
+            // A schema, or a list of them.
+            "items" | "prefixItems" | "additionalProperties" | "anyOf" | "oneOf" | "allOf" | "not" | "if" | "then" | "else" | "contains" => match child {
+                Value::Array(list) => list.iter_mut().for_each(close_objects),
+                other => close_objects(other),
+            },
+            _ => {}
+        }
+    }
+}
+
 /// The compiler of constraints for one tokenizer, built on first use (its token trie
 /// takes a moment for a large vocabulary, and most requests never need it).
 #[derive(Default)]
@@ -269,6 +294,26 @@ fn gpt2_unicode_to_byte() -> std::collections::HashMap<char, u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_objects_reaches_nested_schemas_only() {
+        let mut schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                "open": {"type": "object", "properties": {}, "additionalProperties": true}
+            },
+            "$defs": {"x": {"anyOf": [{"properties": {"b": {}}}, {"type": "null"}]}},
+            "items": [{"properties": {"c": {}}}]
+        });
+        close_objects(&mut schema);
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["properties"]["properties"]["additionalProperties"], false);
+        assert!(schema["properties"].get("additionalProperties").is_none(), "a map of names is not a schema");
+        assert_eq!(schema["properties"]["open"]["additionalProperties"], true);
+        assert_eq!(schema["$defs"]["x"]["anyOf"][0]["additionalProperties"], false);
+        assert_eq!(schema["items"][0]["additionalProperties"], false);
+    }
 
     #[test]
     fn gpt2_map_covers_every_byte_once() {

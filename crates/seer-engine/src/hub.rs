@@ -73,6 +73,24 @@ pub fn is_hub_id(spec: &str) -> bool {
     parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
+/// The local files for a model named the way `seer --model` takes it: a local folder or
+/// GGUF file (with its `mmproj`), or a hub repository (`org/name`, `org/name:file.gguf`,
+/// with `quant` picking among GGUF files), downloaded when not in the cache yet.
+pub fn resolve(spec: &str, quant: Option<&str>, mmproj: Option<&Path>) -> Result<ModelFiles> {
+    if !is_hub_id(spec) {
+        if quant.is_some() {
+            return Err(EngineError::BadRequest(format!("a quant chooses a file in a hub repository; {spec} is a local path")));
+        }
+        return Ok(ModelFiles { model: PathBuf::from(spec), mmproj: mmproj.map(Path::to_path_buf) });
+    }
+    if mmproj.is_some() {
+        return Err(EngineError::BadRequest(format!(
+            "the mmproj is found beside the text model in hub repository {spec}; give a local GGUF file to pair it with"
+        )));
+    }
+    fetch(spec, quant, &HubOptions::from_env())
+}
+
 /// Downloads (or finds in the cache) the files of hub model `spec`.
 pub fn fetch(spec: &str, quant: Option<&str>, opts: &HubOptions) -> Result<ModelFiles> {
     let (repo_id, file) = match spec.split_once(':') {

@@ -62,10 +62,12 @@ enum ResponseFormat {
     JsonSchema { json_schema: JsonSchemaFormat },
 }
 
-/// `name` and `strict` are accepted and not needed: every schema is enforced strictly.
+/// `name` is accepted and not needed.
 #[derive(Deserialize)]
 struct JsonSchemaFormat {
     schema: Option<Value>,
+    /// As OpenAI: objects take no properties beyond those they list.
+    strict: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -179,7 +181,13 @@ fn constraint(format: Option<ResponseFormat>, json: Option<Value>, regex: Option
         None | Some(ResponseFormat::Text) => None,
         Some(ResponseFormat::JsonObject) => Some(Constraint::json_object()),
         // No schema: any JSON value.
-        Some(ResponseFormat::JsonSchema { json_schema }) => Some(Constraint::JsonSchema(json_schema.schema.unwrap_or_else(|| json!({})))),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let mut schema = json_schema.schema.unwrap_or_else(|| json!({}));
+            if json_schema.strict == Some(true) {
+                seer_engine::constraint::close_objects(&mut schema);
+            }
+            Some(Constraint::JsonSchema(schema))
+        }
     };
     let asked: Vec<Constraint> = [format, json.map(Constraint::JsonSchema), regex.map(Constraint::Regex), choice.map(Constraint::Choice)]
         .into_iter()
