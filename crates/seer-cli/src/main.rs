@@ -26,8 +26,42 @@ enum Command {
     Run(RunArgs),
     /// Serve the model over HTTP: OpenAI, KoboldCpp and Ollama compatible APIs.
     Serve(ServeArgs),
+    /// Read structured data out of images: JSON that always follows the given schema.
+    Extract(ExtractArgs),
+    /// Pick one of the given labels for the images.
+    Classify(ClassifyArgs),
     /// Time image encoding, prefill and decoding on one image (see ../shared/bench).
     Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A JSON schema file the answer must follow.
+    #[arg(long)]
+    schema: PathBuf,
+    /// An image: a path, an http(s) URL, raw base64 or a data: URL. Repeatable.
+    #[arg(long)]
+    image: Vec<String>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// One of the answers allowed. Repeat for each (at least two).
+    #[arg(long = "label", required = true)]
+    labels: Vec<String>,
+    /// An image: a path, an http(s) URL, raw base64 or a data: URL. Repeatable.
+    #[arg(long)]
+    image: Vec<String>,
+    #[arg(long, default_value = "Which of these describes the image best?")]
+    prompt: String,
 }
 
 #[derive(Args)]
@@ -169,6 +203,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Serve(args) => serve(args),
+        Command::Extract(args) => extract(args),
+        Command::Classify(args) => classify(args),
         Command::Bench(args) => bench::bench(args),
     };
     match result {
@@ -285,6 +321,38 @@ fn run(args: RunArgs) -> Result<()> {
     } else {
         println!();
     }
+    Ok(())
+}
+
+/// The model behind the Rust API, for the commands built on it.
+fn api_model(args: &ModelArgs, max_tokens: usize) -> Result<seer::Model> {
+    let (vlm, _) = load(args)?;
+    let mut model = seer::Model::from_engine(vlm);
+    model.set_options(seer::Options { max_tokens, ..Default::default() });
+    Ok(model)
+}
+
+fn images(specs: &[String]) -> Vec<seer::Image> {
+    specs.iter().map(|s| seer::Image::from(s.as_str())).collect()
+}
+
+fn extract(args: ExtractArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.schema).with_context(|| format!("reading {}", args.schema.display()))?;
+    let schema: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", args.schema.display()))?;
+    let model = api_model(&args.model, args.max_tokens)?;
+    let (value, _) = model.extract_json(schema, &args.prompt, images(&args.image))?;
+    println!("{value}");
+    Ok(())
+}
+
+fn classify(args: ClassifyArgs) -> Result<()> {
+    if args.labels.len() < 2 {
+        bail!("give at least two --label options to choose between");
+    }
+    let labels: Vec<&str> = args.labels.iter().map(String::as_str).collect();
+    let max_tokens = labels.iter().map(|l| l.len()).max().unwrap_or(1) + 8;
+    let model = api_model(&args.model, max_tokens)?;
+    println!("{}", model.classify(&labels, &args.prompt, images(&args.image))?);
     Ok(())
 }
 

@@ -162,3 +162,40 @@ fn bench_prints_the_fields_the_harness_reads() {
     assert_eq!(v["runs"].as_array().unwrap().len(), 2);
     assert!(v["median"]["ttft_ms"].as_f64().unwrap() >= v["ttft_ms"].as_f64().unwrap(), "best ≤ median for times");
 }
+
+fn smolvlm() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/idefics3/tiny-smolvlm").display().to_string()
+}
+
+#[test]
+fn extract_prints_json_that_follows_the_schema() {
+    let dir = std::env::temp_dir().join(format!("seer-extract-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = dir.join("schema.json");
+    let spec = r#"{"type": "object", "properties": {"total": {"type": "integer", "minimum": 0, "maximum": 999}, "currency": {"enum": ["EUR", "USD"]}}, "required": ["total", "currency"]}"#;
+    std::fs::write(&schema, spec).unwrap();
+    let out = seer(&["extract", "--model", &smolvlm(), "--schema", schema.to_str().unwrap(), "--image", "images/square-64x64.png", "--prompt", "Read the receipt."]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    let obj = v.as_object().expect("an object");
+    assert!(v["total"].as_u64().is_some_and(|t| t <= 999), "{v}");
+    assert!(v["currency"] == "EUR" || v["currency"] == "USD", "{v}");
+    assert_eq!(obj.len(), 2, "no properties beyond the schema's: {v}");
+
+    std::fs::write(&schema, r#"{"type": "objekt"}"#).unwrap();
+    let out = seer(&["extract", "--model", &smolvlm(), "--schema", schema.to_str().unwrap(), "--prompt", "x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("JSON schema") && err.contains("objekt"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn classify_prints_one_label() {
+    let out = seer(&["classify", "--model", &smolvlm(), "--label", "cat", "--label", "dog", "--label", "neither", "--image", "images/square-64x64.png"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let label = String::from_utf8(out.stdout).unwrap();
+    assert!(["cat\n", "dog\n", "neither\n"].contains(&label.as_str()), "{label:?}");
+    let out = seer(&["classify", "--model", &smolvlm(), "--label", "only"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("at least two"));
+}

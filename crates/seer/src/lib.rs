@@ -166,6 +166,11 @@ impl Model {
         ModelBuilder { source: source.into(), mmproj: None, quant: None, load: LoadOptions::default(), threads: None, options: Options::default() }
     }
 
+    /// Wraps a model the engine has already loaded.
+    pub fn from_engine(vlm: Vlm) -> Model {
+        Model { vlm, limits: local_limits(), options: Options::default() }
+    }
+
     /// Changes the options [`Model::chat`], [`Model::extract`] and [`Model::classify`] use.
     pub fn set_options(&mut self, options: Options) {
         self.options = options;
@@ -204,8 +209,16 @@ impl Model {
         prompt: &str,
         images: impl IntoIterator<Item = Image>,
     ) -> Result<(T, Response)> {
-        let mut schema = schemars::schema_for!(T).to_value();
-        // serde ignores fields a type does not have; the model should not write them.
+        let schema = schemars::schema_for!(T).to_value();
+        let (value, response) = self.extract_json(schema, prompt, images)?;
+        let value = serde_json::from_value(value).map_err(|error| Error::Deserialize { error, text: response.text.clone() })?;
+        Ok((value, response))
+    }
+
+    /// Reads JSON that follows `schema` out of the images (a schema known only at run
+    /// time, as `seer extract --schema` takes it). Objects take no properties beyond
+    /// those they list, as in OpenAI's strict mode.
+    pub fn extract_json(&self, mut schema: serde_json::Value, prompt: &str, images: impl IntoIterator<Item = Image>) -> Result<(serde_json::Value, Response)> {
         seer_engine::constraint::close_objects(&mut schema);
         // The schema in the prompt tells the model what the fields mean; the constraint
         // makes sure it follows it.
@@ -308,8 +321,11 @@ impl ModelBuilder {
         }
         let files = hub::resolve(&self.source, self.quant.as_deref(), self.mmproj.as_deref())?;
         let vlm = Vlm::load_with(&files.model, files.mmproj.as_deref(), &self.load)?;
-        // A program on the user's own machine may read images from its own network.
-        let limits = ImageLimits { allow_private_urls: true, ..ImageLimits::default() };
-        Ok(Model { vlm, limits, options: self.options })
+        Ok(Model { vlm, limits: local_limits(), options: self.options })
     }
+}
+
+/// A program on the user's own machine may read images from its own network.
+fn local_limits() -> ImageLimits {
+    ImageLimits { allow_private_urls: true, ..ImageLimits::default() }
 }
