@@ -139,7 +139,11 @@ fn format(format: Option<Value>) -> Result<Option<Constraint>, ApiError> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) if s == "json" => Ok(Some(Constraint::json_object())),
-        Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema))),
+        Some(mut schema @ Value::Object(_)) => {
+            // As llama.cpp (Ollama's engine) reads a schema: objects closed unless it says otherwise.
+            seer_engine::constraint::close_objects(&mut schema);
+            Ok(Some(Constraint::JsonSchema(schema)))
+        }
         Some(other) => Err(ApiError::invalid("format", format!("format must be \"json\" or a JSON schema object, not {other}"))),
     }
 }

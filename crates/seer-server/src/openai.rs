@@ -62,12 +62,12 @@ enum ResponseFormat {
     JsonSchema { json_schema: JsonSchemaFormat },
 }
 
-/// `name` is accepted and not needed.
+/// `name` and `strict` are accepted and not needed: objects take no properties beyond
+/// those they list unless the schema allows them (`additionalProperties`), as in OpenAI's
+/// strict mode and as llama.cpp's server reads every schema.
 #[derive(Deserialize)]
 struct JsonSchemaFormat {
     schema: Option<Value>,
-    /// As OpenAI: objects take no properties beyond those they list.
-    strict: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -183,13 +183,15 @@ fn constraint(format: Option<ResponseFormat>, json: Option<Value>, regex: Option
         // No schema: any JSON value.
         Some(ResponseFormat::JsonSchema { json_schema }) => {
             let mut schema = json_schema.schema.unwrap_or_else(|| json!({}));
-            if json_schema.strict == Some(true) {
-                seer_engine::constraint::close_objects(&mut schema);
-            }
+            seer_engine::constraint::close_objects(&mut schema);
             Some(Constraint::JsonSchema(schema))
         }
     };
-    let asked: Vec<Constraint> = [format, json.map(Constraint::JsonSchema), regex.map(Constraint::Regex), choice.map(Constraint::Choice)]
+    let json = json.map(|mut schema| {
+        seer_engine::constraint::close_objects(&mut schema);
+        Constraint::JsonSchema(schema)
+    });
+    let asked: Vec<Constraint> = [format, json, regex.map(Constraint::Regex), choice.map(Constraint::Choice)]
         .into_iter()
         .flatten()
         .collect();
