@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use seer_engine::generate::Timings;
-use seer_engine::{GenerateRequest, Message, Vlm};
+use seer_engine::{Constraint, GenerateRequest, Message, Vlm};
 use seer_vision::{ImageInput, ImageLimits};
 use serde_json::{json, Map, Value};
 
@@ -33,6 +33,10 @@ pub struct BenchArgs {
     gen_tokens: usize,
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Also decode under this JSON schema, to report the cost of constrained decoding
+    /// (`decode_tokens_per_s_schema`, beside the unconstrained `decode_tokens_per_s`).
+    #[arg(long)]
+    schema: Option<std::path::PathBuf>,
     /// Print one JSON object (the default output is a short table).
     #[arg(long)]
     json: bool,
@@ -47,9 +51,21 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     let (vlm, load_ms) = crate::load(&args.model)?;
     let image = bench_image(&args)?;
+    let schema = match &args.schema {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(Constraint::JsonSchema(serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?))
+        }
+        None => None,
+    };
     let mut runs = Vec::new();
     for _ in 0..args.repeat {
-        let mut run = describe_once(&vlm, &image, &args)?;
+        let mut run = describe_once(&vlm, &image, &args, None)?;
+        if let Some(c) = &schema {
+            let constrained = describe_once(&vlm, &image, &args, Some(c.clone()))?;
+            run.insert("decode_tokens_per_s_schema".into(), constrained["decode_tokens_per_s"].clone());
+            run.insert("completion_tokens_schema".into(), constrained["completion_tokens"].clone());
+        }
         if args.prompt_tokens > 0 {
             run.insert("pp512_tokens_per_s".into(), json!(text_prefill(&vlm, args.prompt_tokens)?));
         }
@@ -87,12 +103,14 @@ fn bench_image(args: &BenchArgs) -> Result<ImageInput> {
     Ok(ImageInput::Decoded(Arc::new(img)))
 }
 
-/// One image description, like llama-mtmd-cli with `-n N --ignore-eos --temp 0`.
-fn describe_once(vlm: &Vlm, image: &ImageInput, args: &BenchArgs) -> Result<Run> {
+/// One image description, like llama-mtmd-cli with `-n N --ignore-eos --temp 0`; under
+/// a constraint, until the constraint is complete or N tokens.
+fn describe_once(vlm: &Vlm, image: &ImageInput, args: &BenchArgs, constraint: Option<Constraint>) -> Result<Run> {
     let req = GenerateRequest {
         messages: vec![Message::user_with_images(args.prompt.clone(), vec![image.clone()])],
         max_tokens: args.gen_tokens,
         ignore_eos: true,
+        constraint,
         ..Default::default()
     };
     let gen = vlm.generate(&req, &ImageLimits::default(), &mut |_| true)?;
@@ -104,6 +122,7 @@ fn describe_once(vlm: &Vlm, image: &ImageInput, args: &BenchArgs) -> Result<Run>
     run.insert("ttft_ms".into(), json!(t.ttft_ms));
     run.insert("prompt_tokens".into(), json!(gen.usage.prompt_tokens));
     run.insert("image_tokens".into(), json!(gen.usage.image_tokens));
+    run.insert("completion_tokens".into(), json!(gen.usage.completion_tokens));
     Ok(run)
 }
 
