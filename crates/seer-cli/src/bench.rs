@@ -65,6 +65,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             let constrained = describe_once(&vlm, &image, &args, Some(c.clone()))?;
             run.insert("decode_tokens_per_s_schema".into(), constrained["decode_tokens_per_s"].clone());
             run.insert("completion_tokens_schema".into(), constrained["completion_tokens"].clone());
+            run.insert("constraint_ms_per_token".into(), constrained["constraint_ms_per_token"].clone());
         }
         if args.prompt_tokens > 0 {
             run.insert("pp512_tokens_per_s".into(), json!(text_prefill(&vlm, args.prompt_tokens)?));
@@ -123,6 +124,7 @@ fn describe_once(vlm: &Vlm, image: &ImageInput, args: &BenchArgs, constraint: Op
     run.insert("prompt_tokens".into(), json!(gen.usage.prompt_tokens));
     run.insert("image_tokens".into(), json!(gen.usage.image_tokens));
     run.insert("completion_tokens".into(), json!(gen.usage.completion_tokens));
+    run.insert("constraint_ms_per_token".into(), json!(t.constraint_ms / gen.usage.completion_tokens.max(1) as f64));
     Ok(run)
 }
 

@@ -167,11 +167,6 @@ impl Guide {
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()
     }
-
-    /// Whether the output so far is already a complete match.
-    pub fn is_accepting(&mut self) -> bool {
-        self.matcher.is_accepting().unwrap_or(false)
-    }
 }
 
 fn internal(e: impl std::fmt::Display) -> EngineError {

@@ -98,6 +98,8 @@ pub struct Timings {
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub ttft_ms: f64,
+    /// Time spent computing constraint masks and advancing the constraint, in all.
+    pub constraint_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -506,7 +508,9 @@ impl Vlm {
             let mut scores = logits.to_vec1::<f32>()?;
             sampler.penalize(&mut scores);
             if let Some(g) = guide.as_mut() {
+                let t = Instant::now();
                 g.mask(&mut scores)?;
+                timings.constraint_ms += ms(t);
             }
             let next = sampler.sample(&scores);
             // A constrained answer ends where its constraint allows the end, even for benchmarks.
@@ -515,7 +519,9 @@ impl Vlm {
                 break;
             }
             if let Some(g) = guide.as_mut() {
+                let t = Instant::now();
                 g.accept(next)?;
+                timings.constraint_ms += ms(t);
             }
             if let Some(top) = req.logprobs {
                 logprobs.push(self.token_logprob(&scores, next, top));
@@ -568,6 +574,8 @@ impl Vlm {
             best.select_nth_unstable_by(top - 1, |a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
         }
         best.truncate(top);
+        // Tokens a constraint ruled out are no alternatives.
+        best.retain(|&i| lp[i as usize].is_finite());
         best.sort_by(|a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
         TokenLogprob {
             id,

@@ -105,10 +105,7 @@ fn sample(vlm: &Vlm, constraint: &Constraint) -> (Vec<String>, usize) {
         let g = vlm.generate(&request(Some(constraint.clone()), seed, 1.0, 160), &ImageLimits::default(), &mut |_| true).expect("generation runs");
         match g.finish_reason {
             FinishReason::Stop => done.push(g.text),
-            _ => {
-                eprintln!("cut: {:?}", g.text);
-                cut += 1
-            }
+            _ => cut += 1,
         }
     }
     (done, cut)
@@ -195,4 +192,22 @@ fn a_schema_cut_short_by_max_tokens_says_length() {
     let g = vlm.generate(&request(Some(Constraint::JsonSchema(schema)), 0, 1.0, 5), &ImageLimits::default(), &mut |_| true).unwrap();
     assert_eq!(g.finish_reason, FinishReason::Length);
     assert!(serde_json::from_str::<Value>(&g.text).is_err(), "five tokens cannot hold 50 characters: {:?}", g.text);
+}
+
+#[test]
+fn a_gguf_vocabulary_works_the_same() {
+    // The tokenizer seer builds from GGUF metadata (LLaVA's SentencePiece vocabulary).
+    let gguf = support::fixtures("llava").join("gguf");
+    let vlm = Vlm::load(&gguf.join("tiny-llava-Q8_0.gguf"), Some(&gguf.join("mmproj-tiny-llava-F16.gguf"))).expect("GGUF fixture loads");
+    let free = vlm.generate(&request(None, 0, 0.0, 24), &ImageLimits::default(), &mut |_| true).unwrap();
+    let any = vlm.generate(&request(Some(Constraint::Regex("(?s:.*)".into())), 0, 0.0, 24), &ImageLimits::default(), &mut |_| true).unwrap();
+    assert_eq!(any.token_ids, free.token_ids);
+    let (name, schema) = schemas().swap_remove(0);
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let (done, _) = sample(&vlm, &Constraint::JsonSchema(schema));
+    assert!(done.len() * 2 >= SEEDS as usize, "{name}: only {} finished", done.len());
+    for text in &done {
+        let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {text:?}"));
+        assert!(validator.is_valid(&value), "{name}: {text:?}");
+    }
 }

@@ -113,11 +113,13 @@ pub struct Options {
     /// Temperature 0 (the default) is greedy: the same answer every time.
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence, up to `max_tokens` (benchmarks, tests).
+    pub ignore_eos: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_tokens: 1024, sampling: SamplingParams::default(), stop: Vec::new() }
+        Options { max_tokens: 1024, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false }
     }
 }
 
@@ -183,18 +185,18 @@ impl Model {
 
     /// Answers a conversation with the model's default [`Options`].
     pub fn chat(&self, messages: &[Message]) -> Result<Response> {
-        self.generate(messages, &self.options, None, &mut |_| true)
+        self.respond(messages, &self.options, None, &mut |_| true)
     }
 
     /// Answers a conversation, passing each piece of text to `on_text` as it is
     /// generated; `on_text` returns `false` to stop early.
     pub fn chat_stream(&self, messages: &[Message], options: &Options, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Response> {
-        self.generate(messages, options, None, on_text)
+        self.respond(messages, options, None, on_text)
     }
 
     /// Answers a conversation under a constraint (a JSON schema, a regex, a grammar, a choice).
     pub fn chat_constrained(&self, messages: &[Message], options: &Options, constraint: Constraint) -> Result<Response> {
-        self.generate(messages, options, Some(constraint), &mut |_| true)
+        self.respond(messages, options, Some(constraint), &mut |_| true)
     }
 
     /// Reads a `T` out of the images: the answer is constrained to `T`'s JSON schema,
@@ -220,10 +222,8 @@ impl Model {
     /// those they list, as in OpenAI's strict mode.
     pub fn extract_json(&self, mut schema: serde_json::Value, prompt: &str, images: impl IntoIterator<Item = Image>) -> Result<(serde_json::Value, Response)> {
         seer_engine::constraint::close_objects(&mut schema);
-        // The schema in the prompt tells the model what the fields mean; the constraint
-        // makes sure it follows it.
-        let text = format!("{prompt}\n\nAnswer with JSON that follows this schema:\n{schema}");
-        let response = self.generate(&[user(text, images)], &self.options, Some(Constraint::JsonSchema(schema)), &mut |_| true)?;
+        let text = schema_prompt(prompt, &schema);
+        let response = self.respond(&[user(text, images)], &self.options, Some(Constraint::JsonSchema(schema)), &mut |_| true)?;
         let value = serde_json::from_str(&response.text).map_err(|error| Error::Deserialize { error, text: response.text.clone() })?;
         Ok((value, response))
     }
@@ -232,17 +232,21 @@ impl Model {
     pub fn classify(&self, labels: &[&str], prompt: &str, images: impl IntoIterator<Item = Image>) -> Result<String> {
         let choices: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
         let text = format!("{prompt}\n\nAnswer with one of: {}.", labels.join(", "));
-        let response = self.generate(&[user(text, images)], &self.options, Some(Constraint::Choice(choices)), &mut |_| true)?;
+        let response = self.respond(&[user(text, images)], &self.options, Some(Constraint::Choice(choices)), &mut |_| true)?;
         Ok(response.text)
     }
 
-    fn generate(&self, messages: &[Message], options: &Options, constraint: Option<Constraint>, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Response> {
+    /// The general form of the calls above: any options, any constraint, streamed to
+    /// `on_text` (which returns `false` to stop). A constrained answer that reaches
+    /// `max_tokens` is [`Error::Incomplete`].
+    pub fn respond(&self, messages: &[Message], options: &Options, constraint: Option<Constraint>, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Response> {
         let start = Instant::now();
         let req = GenerateRequest {
             messages: messages.to_vec(),
             max_tokens: options.max_tokens,
             sampling: options.sampling.clone(),
             stop: options.stop.clone(),
+            ignore_eos: options.ignore_eos,
             constraint: constraint.clone(),
             ..Default::default()
         };
@@ -323,6 +327,12 @@ impl ModelBuilder {
         let vlm = Vlm::load_with(&files.model, files.mmproj.as_deref(), &self.load)?;
         Ok(Model { vlm, limits: local_limits(), options: self.options })
     }
+}
+
+/// The prompt with the schema after it: the schema tells the model what the fields mean,
+/// the constraint makes sure it follows it.
+pub fn schema_prompt(prompt: &str, schema: &serde_json::Value) -> String {
+    format!("{prompt}\n\nAnswer with JSON that follows this schema:\n{schema}")
 }
 
 /// A program on the user's own machine may read images from its own network.
