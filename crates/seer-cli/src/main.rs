@@ -1,6 +1,10 @@
 //! The `seer` command.
 
+mod backend;
 mod bench;
+mod chat;
+mod describe;
+mod ocr;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,6 +28,12 @@ struct Cli {
 enum Command {
     /// Answer one prompt about one or more images and exit.
     Run(RunArgs),
+    /// Talk about images interactively (line editing, history, `\image PATH` to attach).
+    Chat(chat::ChatArgs),
+    /// Transcribe a PDF or scanned pages, page by page.
+    Ocr(ocr::OcrArgs),
+    /// Describe every image in a folder into a JSON Lines file (resumable).
+    Describe(describe::DescribeArgs),
     /// Serve the model over HTTP: OpenAI, KoboldCpp and Ollama compatible APIs.
     Serve(ServeArgs),
     /// Read structured data out of images: JSON that always follows the given schema.
@@ -202,6 +212,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Chat(args) => chat::chat(args),
+        Command::Ocr(args) => ocr::ocr(args),
+        Command::Describe(args) => describe::describe(args),
         Command::Serve(args) => serve(args),
         Command::Extract(args) => extract(args),
         Command::Classify(args) => classify(args),
