@@ -33,6 +33,8 @@ enum Category {
     Other,
 }
 
+// Deserializing every field is the check; not all are read after that.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, JsonSchema)]
 struct Item {
     #[schemars(length(max = 12))]
@@ -40,6 +42,7 @@ struct Item {
     quantity: u8,
 }
 
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, JsonSchema)]
 struct Receipt {
     #[schemars(length(max = 16))]
@@ -123,6 +126,7 @@ fn chat_reports_usage_and_timings() {
 #[test]
 fn extract_out_of_tokens_is_an_error_not_bad_json() {
     let m = Model::builder(fixtures().join("idefics3/tiny-smolvlm").to_str().unwrap()).max_tokens(3).build().unwrap();
+    #[allow(dead_code)]
     #[derive(Debug, Deserialize, JsonSchema)]
     struct Long {
         #[schemars(length(min = 40))]
