@@ -409,12 +409,16 @@ impl Vlm {
             return qwen2vl_batch(&images, cfg);
         }
         let pixels: Vec<_> = images.iter().map(|(_, img)| self.preprocess.apply(img)).collect();
+        let layouts = match &self.preprocess {
+            Preprocess::LlavaNext { cfg, cells, .. } => images.iter().map(|(_, img)| cfg.layout(img.width(), img.height(), *cells)).collect(),
+            _ => Vec::new(),
+        };
         let tensors = pixels
             .into_iter()
             .flatten()
             .map(|p| Tensor::from_vec(p.data, (p.channels, p.height, p.width), &Device::Cpu))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(ImageBatch { pixels: Tensor::stack(&tensors, 0)?, grids: Vec::new() })
+        Ok(ImageBatch { pixels: Tensor::stack(&tensors, 0)?, grids: Vec::new(), layouts })
     }
 
     /// The decoder's input for the whole prompt, `[positions, hidden]`.
@@ -599,7 +603,7 @@ fn qwen2vl_batch(images: &[(usize, Arc<image::RgbImage>)], cfg: &seer_vision::qw
         grids.push(p.grid_thw);
     }
     let rows = patches.len() / dim.max(1);
-    Ok(ImageBatch { pixels: Tensor::from_vec(patches, (rows, dim), &Device::Cpu)?, grids })
+    Ok(ImageBatch { pixels: Tensor::from_vec(patches, (rows, dim), &Device::Cpu)?, grids, layouts: Vec::new() })
 }
 
 /// Cuts `ids` into token runs and image blocks, numbered from `first_block`: every

@@ -12,7 +12,9 @@ use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
 use seer_models::{KvCache, KvType, ModelError};
 use seer_models::idefics3::Idefics3;
+use seer_models::llava_next::LlavaNext;
 use seer_models::qwen2vl::{self, Qwen2Vl, RopeIndex};
+use seer_vision::llava_next::{Layout, LlavaNextProcessorConfig};
 use seer_vision::qwen2vl::{Qwen2VlProcessorConfig, Qwen2VlStyle};
 use seer_vision::clip::{ClipProcessorConfig, Pixels};
 use seer_vision::idefics3::{Idefics3ProcessorConfig, Idefics3Size};
@@ -25,7 +27,7 @@ use crate::files::{hf_chat_template, read_json, read_json_opt};
 use crate::tokenizer::Tokenizer;
 
 /// The architectures seer can load, for error messages.
-pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5), Idefics3ForConditionalGeneration \
+pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5), LlavaNextForConditionalGeneration (LLaVA 1.6), Idefics3ForConditionalGeneration \
                              (SmolVLM), Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration from a \
                              Hugging Face folder; a GGUF `llama` text model with an LLaVA `mlp` or SmolVLM `idefics3` \
                              projector (mmproj), or a `qwen2vl` text model with a `qwen2vl_merger` or \
@@ -54,6 +56,9 @@ pub enum Preprocess {
     /// then cut into flattened patches; stretched to that size as transformers does, or
     /// letterboxed as llama.cpp does (the config's `style`).
     Qwen2Vl(Qwen2VlProcessorConfig),
+    /// LLaVA-NeXT's base tile plus grid tiles (`LlavaNextImageProcessorPil`); `cells` is
+    /// the model's feature cells per tile side, `base_tokens` the base tile's embeddings.
+    LlavaNext { cfg: LlavaNextProcessorConfig, cells: usize, base_tokens: usize },
 }
 
 impl Preprocess {
@@ -61,7 +66,7 @@ impl Preprocess {
     pub fn alpha_mode(&self) -> seer_vision::AlphaMode {
         match self {
             Preprocess::Qwen2Vl(cfg) if cfg.style == Qwen2VlStyle::LlamaCpp => seer_vision::AlphaMode::Drop,
-            Preprocess::Hf(_) | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. } | Preprocess::Qwen2Vl(_) => {
+            Preprocess::Hf(_) | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. } | Preprocess::Qwen2Vl(_) | Preprocess::LlavaNext { .. } => {
                 seer_vision::AlphaMode::OverWhite
             }
             Preprocess::Idefics3 { .. } => seer_vision::AlphaMode::Drop,
@@ -77,6 +82,7 @@ impl Preprocess {
             Preprocess::Hf(cfg) => vec![seer_vision::clip::preprocess_hf(img, cfg)],
             Preprocess::LlamaCppLlava { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std)],
             Preprocess::Idefics3 { cfg, order } => seer_vision::idefics3::preprocess_with_order(img, cfg, *order).tiles,
+            Preprocess::LlavaNext { cfg, .. } => seer_vision::llava_next::preprocess(img, cfg),
         }
     }
 
@@ -87,7 +93,7 @@ impl Preprocess {
 
     /// Whether the prompt needs each image's size (its text or its embedding count).
     pub fn needs_sizes(&self) -> bool {
-        matches!(self, Preprocess::Idefics3 { .. } | Preprocess::Qwen2Vl(_))
+        matches!(self, Preprocess::Idefics3 { .. } | Preprocess::Qwen2Vl(_) | Preprocess::LlavaNext { .. })
     }
 
     /// The embeddings a `width × height` image becomes where that depends on its size
@@ -95,6 +101,7 @@ impl Preprocess {
     pub fn image_embeddings(&self, width: u32, height: u32) -> std::result::Result<Option<usize>, seer_vision::VisionError> {
         match self {
             Preprocess::Qwen2Vl(cfg) => Ok(Some(seer_vision::qwen2vl::image_tokens(seer_vision::qwen2vl::grid(width, height, cfg)?, cfg.merge_size))),
+            Preprocess::LlavaNext { cfg, cells, base_tokens } => Ok(Some(cfg.layout(width, height, *cells).tokens(*base_tokens))),
             _ => Ok(None),
         }
     }
@@ -211,6 +218,7 @@ impl VisionDtype {
 /// The architectures behind one interface: what the request path needs of a model.
 pub enum Model {
     Llava(Llava),
+    LlavaNext(LlavaNext),
     Idefics3(Idefics3),
     Qwen2Vl(Qwen2Vl),
 }
@@ -219,6 +227,7 @@ impl Model {
     pub fn language_model(&self) -> &Llama {
         match self {
             Model::Llava(m) => &m.language_model,
+            Model::LlavaNext(m) => &m.llava.language_model,
             Model::Idefics3(m) => &m.language_model,
             Model::Qwen2Vl(m) => &m.language_model,
         }
@@ -227,6 +236,7 @@ impl Model {
     fn language_model_mut(&mut self) -> &mut Llama {
         match self {
             Model::Llava(m) => &mut m.language_model,
+            Model::LlavaNext(m) => &mut m.llava.language_model,
             Model::Idefics3(m) => &mut m.language_model,
             Model::Qwen2Vl(m) => &mut m.language_model,
         }
@@ -242,7 +252,7 @@ impl Model {
         match self {
             Model::Llava(m) => Some(m.config.image_tokens()),
             Model::Idefics3(m) => Some(m.config.image_seq_len()),
-            Model::Qwen2Vl(_) => None,
+            Model::Qwen2Vl(_) | Model::LlavaNext(_) => None,
         }
     }
 
@@ -250,6 +260,19 @@ impl Model {
     pub fn encode_images(&self, images: &ImageBatch) -> seer_models::Result<Vec<Tensor>> {
         let stacked = match self {
             Model::Llava(m) => m.encode_images(&images.pixels)?,
+            // Each image is its base tile and grid tiles, packed into one block.
+            Model::LlavaNext(m) => {
+                let mut start = 0;
+                return images
+                    .layouts
+                    .iter()
+                    .map(|layout| {
+                        let n = 1 + layout.tiles.0 * layout.tiles.1;
+                        start += n;
+                        m.encode_image(&images.pixels.narrow(0, start - n, n)?, layout)
+                    })
+                    .collect();
+            }
             // Every tile is a full square, so no patch is padding. One tile at a time: a
             // dozen tiles' attention scores at once would take hundreds of MiB.
             Model::Idefics3(m) => {
@@ -296,6 +319,8 @@ pub struct ImageBatch {
     pub pixels: Tensor,
     /// Qwen2-VL: each image's (frames, rows, columns) of patches.
     pub grids: Vec<[usize; 3]>,
+    /// LLaVA-NeXT: each image's tiles and the window of features kept.
+    pub layouts: Vec<Layout>,
 }
 
 pub struct Vlm {
@@ -380,6 +405,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
     let (isq_type, bf16) = (isq.map(Isq::ggml_type), vision.bf16(isq.is_some()));
     let model = match family {
         HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::LlavaNext => Model::LlavaNext(LlavaNext::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Qwen2Vl => Model::Qwen2Vl(Qwen2Vl::load_hf(src, &config, isq_type, bf16)?),
     };
@@ -390,6 +416,7 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
     let template = ChatTemplate::new(&source, tokenizer.bos_token.as_deref().unwrap_or(""), tokenizer.eos_token.as_deref().unwrap_or(""))?;
     let configured = match &model {
         Model::Llava(m) => m.config.image_token_id,
+        Model::LlavaNext(m) => m.llava.config.image_token_id,
         Model::Idefics3(m) => m.config.image_token_id,
         Model::Qwen2Vl(m) => Some(m.config.image_token_id),
     };
@@ -398,6 +425,16 @@ fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
         .ok_or_else(|| EngineError::Model(ModelError::Config("config.json names no image token".into())))?;
     let (preprocess, per_block) = match family {
         HfFamily::Llava => (Preprocess::Hf(hf_image_processor(dir)?), 1),
+        // As Qwen2-VL: one image token per image in the template, the count from its size.
+        HfFamily::LlavaNext => {
+            let Model::LlavaNext(m) = &model else { unreachable!("the family decides the model") };
+            let cfg = read_image_processor(dir, |v| LlavaNextProcessorConfig::from_json_value(v, config.get("image_grid_pinpoints")))?;
+            let vision = &m.llava.config.vision;
+            if cfg.tile().height as usize != vision.image_size {
+                return Err(ModelError::Mismatch(format!("{}: the processor's tiles are {} px, the vision tower takes {} px", dir.display(), cfg.tile().height, vision.image_size)).into());
+            }
+            (Preprocess::LlavaNext { cfg, cells: m.cells_per_tile(), base_tokens: m.llava.config.image_tokens() }, 1)
+        }
         HfFamily::Idefics3 => {
             let cfg = idefics3_processor(dir, model.block_tokens().unwrap_or(0))?;
             let per_block = cfg.image_seq_len;
@@ -456,6 +493,7 @@ fn available_memory() -> Option<u64> {
 #[derive(Clone, Copy)]
 enum HfFamily {
     Llava,
+    LlavaNext,
     Idefics3,
     Qwen2Vl,
 }
@@ -470,6 +508,7 @@ fn hf_family(config: &Value) -> Result<HfFamily> {
         .unwrap_or("(none given)");
     match arch {
         "LlavaForConditionalGeneration" | "llava" => Ok(HfFamily::Llava),
+        "LlavaNextForConditionalGeneration" | "llava_next" => Ok(HfFamily::LlavaNext),
         "Idefics3ForConditionalGeneration" | "idefics3" => Ok(HfFamily::Idefics3),
         "Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration" | "qwen2_vl" | "qwen2_5_vl" => Ok(HfFamily::Qwen2Vl),
         other => Err(ModelError::UnsupportedArchitecture { found: other.into(), supported: SUPPORTED.into() }.into()),

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod linear;
 pub mod llama;
 pub mod llava;
+pub mod llava_next;
 pub mod qwen2vl;
 pub mod weights;
 

@@ -7,6 +7,8 @@
 //!   `CLIPImageProcessorPil` or llama.cpp's mtmd LLaVA path, pixel for pixel.
 //! * [`idefics3`]: SmolVLM / Idefics3 tiling and prompt expansion, matching
 //!   transformers' `Idefics3ImageProcessorPil` and `Idefics3Processor`.
+//! * [`llava_next`]: LLaVA-NeXT's any-resolution tiles and their token counts,
+//!   matching transformers' `LlavaNextImageProcessorPil` and `LlavaNextProcessor`.
 //! * [`qwen2vl`]: Qwen2-VL / Qwen2.5-VL resizing and patch flattening,
 //!   matching transformers' `Qwen2VLImageProcessorPil` or llama.cpp's mtmd.
 //! * [`resample`]: the Pillow-compatible resizer all of those rely on.
@@ -17,6 +19,7 @@ mod jpeg;
 pub mod clip;
 pub mod idefics3;
 pub mod input;
+pub mod llava_next;
 pub mod qwen2vl;
 pub mod resample;
 
