@@ -1,0 +1,174 @@
+//! Loading a Hugging Face folder: config.json picks the family; safetensors, the
+//! tokenizer, the chat template and the image processor's settings come with it.
+
+use super::*;
+
+pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
+    let config = read_json(&dir.join("config.json"))?;
+    let family = hf_family(&config)?;
+    let files = llava::safetensors_files(dir)?;
+    let src = Arc::new(SafetensorsSource::open(&files)?);
+    // With ISQ most of the weights end up quantized; f32 for the rest is a safe estimate.
+    let need = match isq {
+        Some(q) => (src.f32_bytes() as f64 / 4.0 * q.bytes_per_weight()) as u64 + (src.f32_bytes() / 8),
+        None => src.f32_bytes(),
+    };
+    check_memory(dir, need)?;
+    let (isq_type, bf16) = (isq.map(Isq::ggml_type), vision.bf16(isq.is_some()));
+    let model = match family {
+        HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::LlavaNext => Model::LlavaNext(LlavaNext::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::Qwen2Vl => Model::Qwen2Vl(Qwen2Vl::load_hf(src, &config, isq_type, bf16)?),
+    };
+    let tokenizer = Tokenizer::from_hf_dir(dir)?;
+    let source = hf_chat_template(dir)?.ok_or_else(|| {
+        EngineError::Template(format!("{} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)", dir.display()))
+    })?;
+    let template = ChatTemplate::new(&source, tokenizer.bos_token.as_deref().unwrap_or(""), tokenizer.eos_token.as_deref().unwrap_or(""))?;
+    let configured = match &model {
+        Model::Llava(m) => m.config.image_token_id,
+        Model::LlavaNext(m) => m.llava.config.image_token_id,
+        Model::Idefics3(m) => m.config.image_token_id,
+        Model::Qwen2Vl(m) => Some(m.config.image_token_id),
+    };
+    let image_token = configured
+        .or_else(|| tokenizer.token_to_id("<image>"))
+        .ok_or_else(|| EngineError::Model(ModelError::Config("config.json names no image token".into())))?;
+    let (preprocess, per_block) = match family {
+        HfFamily::Llava => (Preprocess::Hf(hf_image_processor(dir)?), 1),
+        // As Qwen2-VL: one image token per image in the template, the count from its size.
+        HfFamily::LlavaNext => {
+            let Model::LlavaNext(m) = &model else { unreachable!("the family decides the model") };
+            let cfg = read_image_processor(dir, |v| LlavaNextProcessorConfig::from_json_value(v, config.get("image_grid_pinpoints")))?;
+            let vision = &m.llava.config.vision;
+            if cfg.tile().height as usize != vision.image_size {
+                return Err(ModelError::Mismatch(format!("{}: the processor's tiles are {} px, the vision tower takes {} px", dir.display(), cfg.tile().height, vision.image_size)).into());
+            }
+            (Preprocess::LlavaNext { cfg, cells: m.cells_per_tile(), base_tokens: m.llava.config.image_tokens() }, 1)
+        }
+        HfFamily::Idefics3 => {
+            let cfg = idefics3_processor(dir, model.block_tokens().unwrap_or(0))?;
+            let per_block = cfg.image_seq_len;
+            (Preprocess::Idefics3 { cfg, order: PassOrder::Pillow13 }, per_block)
+        }
+        // The template writes one image pad token per image; the processor's copies, one
+        // per embedding, are counted from the image's size.
+        HfFamily::Qwen2Vl => (Preprocess::Qwen2Vl(qwen2vl_processor(dir)?), 1),
+    };
+    // Where the processor writes one image token per embedding, the two counts must agree.
+    if per_block > 1 && Some(per_block) != model.block_tokens() {
+        return Err(ModelError::Mismatch(format!(
+            "{}: the processor expands each image tile to {per_block} tokens, the model makes {:?} embeddings per tile",
+            dir.display(),
+            model.block_tokens()
+        ))
+        .into());
+    }
+    Ok(Vlm {
+        model,
+        tokenizer,
+        template,
+        image_parts: ImageParts::Structured,
+        image_slot: ImageSlot::Token { id: image_token, per_block },
+        preprocess,
+        name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        grammars: Default::default(),
+    })
+}
+
+/// Refuses a load that cannot fit, instead of letting the system kill the process halfway.
+fn check_memory(dir: &Path, need: u64) -> Result<()> {
+    let Some(available) = available_memory() else { return Ok(()) };
+    if need > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(EngineError::BadRequest(format!(
+            "{} needs {:.1} GiB in f32 but only {:.1} GiB of memory is available; \
+             use a quantized GGUF of this model (with its mmproj) instead",
+            dir.display(),
+            gib(need),
+            gib(available)
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo, where there is one.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The Hugging Face architectures seer loads.
+#[derive(Clone, Copy)]
+enum HfFamily {
+    Llava,
+    LlavaNext,
+    Idefics3,
+    Qwen2Vl,
+}
+
+/// From `architectures` (or `model_type` where that is missing).
+fn hf_family(config: &Value) -> Result<HfFamily> {
+    let arch = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .or_else(|| config.get("model_type").and_then(Value::as_str))
+        .unwrap_or("(none given)");
+    match arch {
+        "LlavaForConditionalGeneration" | "llava" => Ok(HfFamily::Llava),
+        "LlavaNextForConditionalGeneration" | "llava_next" => Ok(HfFamily::LlavaNext),
+        "Idefics3ForConditionalGeneration" | "idefics3" => Ok(HfFamily::Idefics3),
+        "Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration" | "qwen2_vl" | "qwen2_5_vl" => Ok(HfFamily::Qwen2Vl),
+        other => Err(ModelError::UnsupportedArchitecture { found: other.into(), supported: SUPPORTED.into() }.into()),
+    }
+}
+
+/// Qwen2-VL's image processor: `preprocessor_config.json` (the hub's) or nested in
+/// `processor_config.json` (transformers 5).
+fn qwen2vl_processor(dir: &Path) -> Result<Qwen2VlProcessorConfig> {
+    read_image_processor(dir, Qwen2VlProcessorConfig::from_json_value)
+}
+
+/// SmolVLM's processor. transformers 5 writes one `processor_config.json` with the image
+/// processor nested and `image_seq_len` beside it; the hub's folders keep the image
+/// processor in `preprocessor_config.json` and only `image_seq_len` in `processor_config.json`.
+/// `image_seq_len`, when no file gives it, is the model's own count (`model_seq_len`).
+fn idefics3_processor(dir: &Path, model_seq_len: usize) -> Result<Idefics3ProcessorConfig> {
+    let processor_path = dir.join("processor_config.json");
+    let processor = read_json_opt(&processor_path)?;
+    let mut value = match (&processor, read_json_opt(&dir.join("preprocessor_config.json"))?) {
+        (Some(p), _) if p.get("image_processor").is_some() => p.clone(),
+        (_, Some(pre)) => pre,
+        (Some(p), None) => p.clone(),
+        (None, None) => {
+            return Err(ModelError::io(processor_path, std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
+        }
+    };
+    let given = processor.as_ref().and_then(|p| p.get("image_seq_len")).or_else(|| value.get("image_seq_len")).cloned();
+    if let Value::Object(map) = &mut value {
+        map.insert("image_seq_len".into(), given.unwrap_or_else(|| model_seq_len.into()));
+    }
+    Idefics3ProcessorConfig::from_json_value(&value)
+        .map_err(|e| EngineError::Model(ModelError::Format { path: processor_path, format: "image processor config", detail: e.to_string() }))
+}
+
+/// `preprocessor_config.json` (2024 hub) or the `image_processor` inside
+/// `processor_config.json` (transformers 5).
+fn hf_image_processor(dir: &Path) -> Result<ClipProcessorConfig> {
+    read_image_processor(dir, ClipProcessorConfig::from_json_value)
+}
+
+/// The first of `preprocessor_config.json` and `processor_config.json` there is, parsed.
+fn read_image_processor<T>(dir: &Path, parse: impl Fn(&Value) -> std::result::Result<T, seer_vision::VisionError>) -> Result<T> {
+    for name in ["preprocessor_config.json", "processor_config.json"] {
+        let path = dir.join(name);
+        if let Some(json) = read_json_opt(&path)? {
+            return parse(&json).map_err(|e| EngineError::Model(ModelError::Format { path, format: "image processor config", detail: e.to_string() }));
+        }
+    }
+    Err(ModelError::io(dir.join("preprocessor_config.json"), std::io::Error::new(std::io::ErrorKind::NotFound, "no image processor config")).into())
+}
