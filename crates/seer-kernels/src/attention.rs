@@ -1,5 +1,7 @@
 //! Attention read in place from a key/value cache: for each query row and head,
-//! `softmax(q·kᵀ·scale)·v`, causal or not, with the keys and values held as f32 or f16.
+//! `softmax(q·kᵀ·scale)·v`, causal or not, with the keys and values held as f32 or f16;
+//! optionally within a sliding window, and with runs of positions that see each other
+//! whole (Gemma 3's images).
 //!
 //! The cache keeps each key/value head's positions contiguous, so a head's keys stream from
 //! memory once per query block and nothing is copied first; grouped-query heads read their
@@ -45,7 +47,7 @@ impl KvElem for half::f16 {
 
 /// The shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
+pub struct AttnShape<'a> {
     /// Query rows.
     pub t: usize,
     pub heads: usize,
@@ -60,6 +62,25 @@ pub struct AttnShape {
     /// otherwise every row sees all `kv_len` keys.
     pub causal: bool,
     pub scale: f32,
+    /// A sliding window: the row at position `p` sees no key before `p + 1 - window`.
+    /// 0: no window.
+    pub window: usize,
+    /// Runs of positions whose rows also see the later keys of their own run, however
+    /// far (the tokens of one image, bidirectional in Gemma 3).
+    pub blocks: &'a [Range<usize>],
+}
+
+impl AttnShape<'_> {
+    /// The keys query row `i` sees.
+    pub fn keys(&self, i: usize) -> Range<usize> {
+        let p = self.kv_len - self.t + i;
+        let mut end = if self.causal { p + 1 } else { self.kv_len };
+        if let Some(b) = self.blocks.iter().find(|b| b.contains(&p)) {
+            end = end.max(b.end.min(self.kv_len));
+        }
+        let start = if self.window > 0 { (p + 1).saturating_sub(self.window) } else { 0 };
+        start.min(end)..end
+    }
 }
 
 /// Query rows per task.
@@ -123,12 +144,16 @@ pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v:
                 let g = h / (s.heads / s.kv_heads);
                 let (kh, vh) = (&k[g * s.kv_stride * d..], &v[g * s.kv_stride * d..]);
                 for i in b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(s.t) {
-                    let keys = if s.causal { s.kv_len - s.t + i + 1 } else { s.kv_len };
+                    let keys = s.keys(i);
+                    // From the key block holding the first key; the keys before it in that
+                    // block are skipped.
+                    let first = keys.start / KEY_BLOCK * KEY_BLOCK;
                     let at = (i * s.heads + h) * d;
                     // SAFETY: (i, h) pairs are disjoint across tasks; `out` holds t·heads·d.
                     let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
                     let o = unsafe { std::slice::from_raw_parts_mut(base.0.add(at), d) };
-                    row(isa, &q[at..at + d], &kh[..keys.next_multiple_of(KEY_BLOCK) * d], &vh[..keys * d], s.scale, &mut scores[..keys], o);
+                    let (k_rows, v_rows) = (&kh[first * d..keys.end.next_multiple_of(KEY_BLOCK) * d], &vh[first * d..keys.end * d]);
+                    row(isa, &q[at..at + d], k_rows, v_rows, s.scale, &mut scores[..keys.end - first], keys.start - first, o);
                 }
             }
         })
@@ -142,16 +167,18 @@ pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v:
     }
 }
 
-/// One query row of one head against `keys` rows of `k` and `v`.
-fn row<T: KvElem>(isa: Isa, q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+/// One query row of one head against `scores.len()` rows of `k` and `v`, leaving out the
+/// first `skip` (fewer than a key block).
+#[allow(clippy::too_many_arguments)]
+fn row<T: KvElem>(isa: Isa, q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], skip: usize, out: &mut [f32]) {
     let d = q.len();
     match isa {
         // SAFETY: the path is available (checked by the caller); slices hold keys·d values.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if d.is_multiple_of(16) => unsafe { x86::row512(q, k, v, scale, scores, out) },
+        Isa::Avx512 if d.is_multiple_of(16) => unsafe { x86::row512(q, k, v, scale, scores, skip, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 if d.is_multiple_of(8) => unsafe { x86::row256(q, k, v, scale, scores, out) },
-        _ => row_scalar(q, k, v, scale, scores, out),
+        Isa::Avx512 | Isa::Avx2 if d.is_multiple_of(8) => unsafe { x86::row256(q, k, v, scale, scores, skip, out) },
+        _ => row_scalar(q, k, v, scale, scores, skip, out),
     }
 }
 
@@ -174,11 +201,11 @@ pub(crate) fn softmax_in_place(x: &mut [f32]) {
 }
 
 /// `k` holds whole key blocks of one head (see [`key_index`]).
-fn row_scalar<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn row_scalar<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], skip: usize, out: &mut [f32]) {
     let d = q.len();
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
-        *s = q.iter().enumerate().map(|(c, a)| a * k[key_index(0, j, c, 0, d)].to_f32()).sum::<f32>() * scale;
+        *s = if j < skip { f32::NEG_INFINITY } else { q.iter().enumerate().map(|(c, a)| a * k[key_index(0, j, c, 0, d)].to_f32()).sum::<f32>() * scale };
         max = max.max(*s);
     }
     let mut sum = 0.0;
@@ -288,7 +315,8 @@ mod x86 {
 
     /// `head_dim` a multiple of 16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn row512<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn row512<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], skip: usize, out: &mut [f32]) {
         let d = q.len();
         let keys = scores.len();
         let (qp, kp, vp, sp, op) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
@@ -308,9 +336,11 @@ mod x86 {
                 a0 = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(c)), load16(kb.add(c * 16)), a0);
             }
             let m: __mmask16 = if keys - j >= 16 { 0xffff } else { (1u16 << (keys - j)) - 1 };
-            let s = _mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale));
+            // Skipped keys: −∞, which the exponential below takes to (next to) nothing.
+            let skipped: __mmask16 = if j == 0 { ((1u32 << skip) - 1) as u16 } else { 0 };
+            let s = _mm512_mask_mov_ps(_mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale)), skipped, _mm512_set1_ps(f32::NEG_INFINITY));
             _mm512_mask_storeu_ps(sp.add(j), m, s);
-            maxv = _mm512_mask_max_ps(maxv, m, maxv, s);
+            maxv = _mm512_mask_max_ps(maxv, m & !skipped, maxv, s);
             j += 16;
         }
         let mv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
@@ -345,7 +375,8 @@ mod x86 {
 
     /// `head_dim` a multiple of 8.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn row256<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn row256<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [f32], skip: usize, out: &mut [f32]) {
         let d = q.len();
         let keys = scores.len();
         let (qp, kp, vp, sp, op) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
@@ -364,6 +395,7 @@ mod x86 {
             _mm256_storeu_ps(block.as_mut_ptr(), _mm256_mul_ps(lo, _mm256_set1_ps(scale)));
             _mm256_storeu_ps(block.as_mut_ptr().add(8), _mm256_mul_ps(hi, _mm256_set1_ps(scale)));
             for (i, &s) in block.iter().enumerate().take(keys - j) {
+                let s = if j + i < skip { f32::NEG_INFINITY } else { s };
                 *sp.add(j + i) = s;
                 max = max.max(s);
             }
@@ -416,18 +448,18 @@ mod tests {
         for i in 0..s.t {
             for h in 0..s.heads {
                 let g = h / (s.heads / s.kv_heads);
-                let keys = if s.causal { s.kv_len - s.t + i + 1 } else { s.kv_len };
+                let keys = s.keys(i);
                 let qr = &q[(i * s.heads + h) * d..][..d];
                 let at = |buf: &[T], j: usize, c: usize| buf[(g * s.kv_stride + j) * d + c].to_f32() as f64;
                 let key = |j: usize, c: usize| k[key_index(g, j, c, s.kv_stride, d)].to_f32() as f64;
-                let sc: Vec<f64> = (0..keys)
+                let sc: Vec<f64> = keys.clone()
                     .map(|j| (0..d).map(|c| qr[c] as f64 * key(j, c)).sum::<f64>() * s.scale as f64)
                     .collect();
                 let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|x| (x - max).exp()).collect();
                 let sum: f64 = e.iter().sum();
                 for c in 0..d {
-                    let y: f64 = (0..keys).map(|j| e[j] * at(v, j, c)).sum::<f64>() / sum;
+                    let y: f64 = keys.clone().zip(&e).map(|(j, w)| w * at(v, j, c)).sum::<f64>() / sum;
                     out[(i * s.heads + h) * d + c] = y as f32;
                 }
             }
@@ -466,7 +498,7 @@ mod tests {
             for d in [8, 16, 24, 64, 128, 136] {
                 for (t, kv_len, stride) in [(1, 1, 16), (1, 37, 64), (5, 5, 16), (19, 40, 48), (33, 33, 64), (2, 16, 16)] {
                     for causal in [true, false] {
-                        let s = AttnShape { t, heads, kv_heads, head_dim: d, kv_len, kv_stride: stride, causal, scale: 1.0 / (d as f32).sqrt() };
+                        let s = AttnShape { t, heads, kv_heads, head_dim: d, kv_len, kv_stride: stride, causal, scale: 1.0 / (d as f32).sqrt(), window: 0, blocks: &[] };
                         check::<f32>(s, n);
                         check::<half::f16>(s, n + 1000);
                         n += 1;
@@ -477,10 +509,34 @@ mod tests {
     }
 
     #[test]
+    fn windows_and_bidirectional_blocks_match_reference() {
+        // Gemma 3's masks: sliding windows that start mid key block, image runs that see
+        // their later tokens, prefill (t = kv_len) and a later chunk (t < kv_len).
+        let blocks = [3..9, 21..40];
+        let mut n = 0;
+        for d in [8, 16, 32, 40] {
+            for (t, kv_len) in [(45, 45), (1, 45), (7, 45), (1, 17), (30, 30)] {
+                for window in [0, 1, 5, 12, 16, 17, 100] {
+                    for blocks in [&blocks[..], &[]] {
+                        let s = AttnShape { t, heads: 4, kv_heads: 2, head_dim: d, kv_len, kv_stride: 48, causal: true, scale: 0.3, window, blocks };
+                        check::<f32>(s, 5000 + n);
+                        check::<half::f16>(s, 9000 + n);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        let s = AttnShape { t: 45, heads: 1, kv_heads: 1, head_dim: 8, kv_len: 45, kv_stride: 48, causal: true, scale: 1.0, window: 12, blocks: &blocks };
+        assert_eq!(s.keys(3), 0..9, "an image's first token sees its whole image");
+        assert_eq!(s.keys(25), 14..40, "window start, image end");
+        assert_eq!(s.keys(44), 33..45);
+    }
+
+    #[test]
     fn softmax_extremes_stay_finite() {
         // One huge score: the output is that key's value; every path's exp must underflow
         // cleanly for the others rather than produce NaN.
-        let s = AttnShape { t: 1, heads: 1, kv_heads: 1, head_dim: 16, kv_len: 20, kv_stride: 32, causal: false, scale: 1.0 };
+        let s = AttnShape { t: 1, heads: 1, kv_heads: 1, head_dim: 16, kv_len: 20, kv_stride: 32, causal: false, scale: 1.0, window: 0, blocks: &[] };
         let q = vec![10.0f32; 16];
         let mut k = vec![-10.0f32; 32 * 16];
         (0..16).for_each(|c| k[key_index(0, 3, c, 32, 16)] = 10.0);

@@ -102,6 +102,8 @@ impl KvCache {
             kv_stride: self.capacity,
             causal,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
+            window: 0,
+            blocks: &[],
         };
         match &self.layers[layer] {
             Buffers::F32(k, v) => seer_kernels::attention(&s, q, k, v, out),

@@ -421,6 +421,8 @@ fn attend_group(q: &[f32], k: &[f32], v: &[f32], rows: &[usize], [heads, d]: [us
         kv_stride: stride,
         causal: false,
         scale: 1.0 / (d as f32).sqrt(),
+        window: 0,
+        blocks: &[],
     };
     seer_kernels::attention(&shape, &q_rows, &k_heads, &v_heads, &mut y);
     for (i, &r) in rows.iter().enumerate() {
