@@ -6,6 +6,8 @@
 //! traffic per token); float models keep f32, exactly as their reference computes.
 
 use half::f16;
+use std::ops::Range;
+
 use seer_kernels::{key_index, AttnShape, KvElem, KEY_BLOCK};
 
 /// The element type of a cache.
@@ -89,9 +91,11 @@ impl KvCache {
         };
     }
 
-    /// Attention of `q` (`[t, heads, head_dim]`, the last `t` of the positions stored in
-    /// `layer`, appended but not yet advanced past) into `out` (same shape).
-    pub fn attend(&self, layer: usize, q: &[f32], heads: usize, causal: bool, out: &mut [f32]) {
+    /// Causal attention of `q` (`[t, heads, head_dim]`, the last `t` of the positions
+    /// stored in `layer`, appended but not yet advanced past) into `out` (same shape),
+    /// with scores scaled by `scale`, within a sliding `window` (0: none), and with
+    /// `blocks` of positions that see each other whole.
+    pub fn attend(&self, layer: usize, q: &[f32], heads: usize, scale: f32, window: usize, blocks: &[Range<usize>], out: &mut [f32]) {
         let t = q.len() / (heads * self.head_dim);
         let s = AttnShape {
             t,
@@ -100,10 +104,10 @@ impl KvCache {
             head_dim: self.head_dim,
             kv_len: self.len + t,
             kv_stride: self.capacity,
-            causal,
-            scale: 1.0 / (self.head_dim as f32).sqrt(),
-            window: 0,
-            blocks: &[],
+            causal: true,
+            scale,
+            window,
+            blocks,
         };
         match &self.layers[layer] {
             Buffers::F32(k, v) => seer_kernels::attention(&s, q, k, v, out),

@@ -19,6 +19,11 @@ impl RmsNorm {
         Ok(RmsNorm { weight: vb.tensor_shaped("weight", &[dim])?, eps: eps as f32 })
     }
 
+    /// Gemma's norm, which scales by `1 + weight` (its weights are stored centred on 0).
+    pub fn load_offset(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: (vb.tensor_shaped("weight", &[dim])? + 1.0)?, eps: eps as f32 })
+    }
+
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }

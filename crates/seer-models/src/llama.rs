@@ -4,6 +4,8 @@
 //! It takes input embeddings rather than token ids, so a vision-language model can splice
 //! image features into the sequence before calling it.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
@@ -42,6 +44,51 @@ pub struct LlamaConfig {
     /// lengths (summing to `head_dim / 2`), which take their positions from the temporal,
     /// height and width components of a [`Position`] respectively. `None`: plain RoPE.
     pub mrope_section: Option<[usize; 3]>,
+    /// Gemma 3's departures from LLaMA; `None` for LLaMA.
+    pub gemma: Option<GemmaConfig>,
+}
+
+/// What Gemma 3's decoder does differently: norms that scale by `1 + weight`, norms on
+/// queries and keys and around the MLP, embeddings scaled by √hidden, a GELU-tanh MLP,
+/// queries scaled by `query_pre_attn_scalar`, and sliding-window layers with their own
+/// RoPE base beside global layers with linearly scaled RoPE.
+#[derive(Debug, Clone)]
+pub struct GemmaConfig {
+    /// Each layer's sliding window; 0 for a global layer.
+    pub windows: Vec<usize>,
+    /// The RoPE base of the sliding layers (the global layers use `rope_theta`).
+    pub local_rope_theta: f64,
+    /// The global layers' linear RoPE scaling: positions divided by it.
+    pub global_rope_factor: f64,
+    pub query_pre_attn_scalar: f64,
+}
+
+impl GemmaConfig {
+    /// From a Gemma 3 `text_config`: `layer_types`, `sliding_window`, and
+    /// `rope_parameters` keyed by layer type.
+    pub fn from_hf(text: &Value) -> Result<Self> {
+        let window = get_usize(text, "sliding_window").unwrap_or(4096);
+        let types = text.get("layer_types").and_then(Value::as_array).ok_or_else(|| ModelError::Config("Gemma 3 text_config has no layer_types".into()))?;
+        let windows = types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(window),
+                Some("full_attention") => Ok(0),
+                _ => Err(ModelError::Config(format!("layer type {t} is not supported"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rope = |kind: &str, key: &str| text.get("rope_parameters").and_then(|r| r.get(kind)).and_then(|r| r.get(key)).and_then(Value::as_f64);
+        let global_kind = text.get("rope_parameters").and_then(|r| r.get("full_attention")).and_then(|r| r.get("rope_type")).and_then(Value::as_str).unwrap_or("default");
+        if global_kind != "default" && global_kind != "linear" {
+            return Err(ModelError::Config(format!("rope type `{global_kind}` is not supported yet")));
+        }
+        Ok(GemmaConfig {
+            windows,
+            local_rope_theta: rope("sliding_attention", "rope_theta").or_else(|| text.get("rope_local_base_freq").and_then(Value::as_f64)).unwrap_or(10000.0),
+            global_rope_factor: if global_kind == "linear" { rope("full_attention", "factor").unwrap_or(1.0) } else { 1.0 },
+            query_pre_attn_scalar: text.get("query_pre_attn_scalar").and_then(Value::as_f64).unwrap_or(256.0),
+        })
+    }
 }
 
 /// A token's position as M-RoPE sees it: (temporal, height, width). Text tokens have all
@@ -111,10 +158,11 @@ impl LlamaConfig {
                 return Err(ModelError::Config(format!("rope type `{kind}` is not supported yet")));
             }
         }
+        let is_gemma = text.get("model_type").and_then(Value::as_str) == Some("gemma3_text");
         let head_dim = get("head_dim", hidden / heads.max(1));
         let mrope_section = rope.and_then(|r| r.get("mrope_section")).map(|v| mrope_section(v, head_dim)).transpose()?;
         let rope_theta = rope
-            .and_then(|r| r.get("rope_theta"))
+            .and_then(|r| r.get("full_attention").unwrap_or(r).get("rope_theta"))
             .or_else(|| text.get("rope_theta"))
             .or_else(|| outer.get("rope_theta"))
             .and_then(Value::as_f64)
@@ -137,6 +185,7 @@ impl LlamaConfig {
                 .unwrap_or(false),
             rope_style: RopeStyle::Half,
             mrope_section,
+            gemma: if is_gemma { Some(GemmaConfig::from_hf(text)?) } else { None },
         })
     }
 
@@ -162,6 +211,7 @@ impl LlamaConfig {
             tie_word_embeddings: !f.has_tensor("output.weight"),
             rope_style: gguf_rope_style(&arch),
             mrope_section: gguf_mrope_section(f, &key("rope.dimension_sections"), head_dim)?,
+            gemma: None,
         })
     }
 }
@@ -193,41 +243,62 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Gemma: RMSNorm over each head of the queries and keys, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    scale: f32,
+    /// This layer's sliding window (0: none) and its RoPE table in [`Llama::ropes`].
+    window: usize,
+    rope: usize,
 }
 
 impl Attention {
-    fn load(vb: &Vb, c: &LlamaConfig) -> Result<Self> {
+    fn load(vb: &Vb, c: &LlamaConfig, layer: usize) -> Result<Self> {
         let (h, q_out, kv_out) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let norm = |name: &str| RmsNorm::load_offset(&vb.pp(name), c.head_dim, c.rms_norm_eps);
+        let (qk_norm, scale, window) = match &c.gemma {
+            Some(g) => (Some((norm("q_norm")?, norm("k_norm")?)), g.query_pre_attn_scalar.powf(-0.5) as f32, g.windows[layer]),
+            None => (None, 1.0 / (c.head_dim as f32).sqrt(), 0),
+        };
         Ok(Attention {
             q_proj: vb.pp("q_proj").linear_opt_bias(h, q_out)?,
             k_proj: vb.pp("k_proj").linear_opt_bias(h, kv_out)?,
             v_proj: vb.pp("v_proj").linear_opt_bias(h, kv_out)?,
             o_proj: vb.pp("o_proj").linear(q_out, h, false)?,
+            qk_norm,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+            scale,
+            window,
+            // Gemma: table 1 for the sliding layers, 0 for the global ones.
+            rope: usize::from(window > 0),
         })
     }
 
     /// `x` is `[1, t, hidden]`; the cache holds the keys and values of earlier positions.
     /// Queries and keys stay in the projections' `[t, heads, head_dim]` layout throughout:
     /// rotary embedding in place, keys and values appended to the cache, attention read
-    /// from it by seer-kernels.
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: Positions, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+    /// from it by seer-kernels. `blocks` are runs of positions that see each other whole.
+    fn forward(&self, x: &Tensor, ropes: &[Rope], pos: Positions, cache: &mut KvCache, layer: usize, blocks: &[Range<usize>]) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let rows = |y: Tensor| y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("three projections".into()))?;
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q.reshape(((), self.head_dim))?)?, kn.forward(&k.reshape(((), self.head_dim))?)?),
+            None => (q, k),
+        };
         let (mut q, mut k, v) = (rows(q)?, rows(k)?, rows(v)?);
+        let rope = &ropes[self.rope.min(ropes.len() - 1)];
         rope.apply(&mut q, self.heads, self.head_dim, pos);
         rope.apply(&mut k, self.kv_heads, self.head_dim, pos);
         cache.append(layer, &k, &v);
         let mut y = vec![0f32; q.len()];
-        cache.attend(layer, &q, self.heads, true, &mut y);
+        cache.attend(layer, &q, self.heads, self.scale, self.window, blocks, &mut y);
         let y = Tensor::from_vec(y, (b, t, self.heads * self.head_dim), x.device())?;
         Ok(self.o_proj.forward(&y)?)
     }
@@ -237,6 +308,8 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// Gemma's GELU-tanh instead of SiLU.
+    gelu: bool,
 }
 
 impl Mlp {
@@ -246,6 +319,7 @@ impl Mlp {
             gate_proj: vb.pp("gate_proj").linear(h, i, false)?,
             up_proj: vb.pp("up_proj").linear(h, i, false)?,
             down_proj: vb.pp("down_proj").linear(i, h, false)?,
+            gelu: c.gemma.is_some(),
         })
     }
 
@@ -253,31 +327,49 @@ impl Mlp {
         let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("two projections".into()))?;
-        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let act = if self.gelu { crate::clip::Activation::GeluTanh.apply(&gate)? } else { candle_nn::ops::silu(&gate)? };
+        self.down_proj.forward(&(act * up)?)
     }
 }
 
 struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// LLaMA: the norm before the MLP. Gemma: the norm of the attention's output.
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    /// Gemma: the norms before and after the MLP.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
 }
 
 impl Block {
-    fn load(vb: &Vb, c: &LlamaConfig) -> Result<Self> {
+    fn load(vb: &Vb, c: &LlamaConfig, layer: usize) -> Result<Self> {
+        let norm = |name: &str| match c.gemma {
+            Some(_) => RmsNorm::load_offset(&vb.pp(name), c.hidden_size, c.rms_norm_eps),
+            None => RmsNorm::load(&vb.pp(name), c.hidden_size, c.rms_norm_eps),
+        };
+        let feedforward_norms = match c.gemma {
+            Some(_) => Some((norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?)),
+            None => None,
+        };
         Ok(Block {
-            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-            self_attn: Attention::load(&vb.pp("self_attn"), c)?,
-            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load(&vb.pp("self_attn"), c, layer)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
             mlp: Mlp::load(&vb.pp("mlp"), c)?,
+            feedforward_norms,
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: Positions, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache, layer)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+    fn forward(&self, x: &Tensor, ropes: &[Rope], pos: Positions, cache: &mut KvCache, layer: usize, blocks: &[Range<usize>]) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, ropes, pos, cache, layer, blocks)?;
+        let Some((pre, post)) = &self.feedforward_norms else {
+            let x = (x + h)?;
+            let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+            return Ok((x + h)?);
+        };
+        let x = (x + self.post_attention_layernorm.forward(&h)?)?;
+        let h = post.forward(&self.mlp.forward(&pre.forward(&x)?)?)?;
         Ok((x + h)?)
     }
 }
@@ -312,10 +404,11 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(c: &LlamaConfig) -> Result<Self> {
+    /// The table for RoPE base `theta`, positions divided by `factor` (linear scaling).
+    fn new(c: &LlamaConfig, theta: f64, factor: f64) -> Result<Self> {
         let half = c.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (c.rope_theta as f32).powf(2.0 * i as f32 / c.head_dim as f32))
+            .map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / c.head_dim as f32) / factor as f32)
             .collect();
         let n = c.max_position_embeddings;
         let freqs: Vec<f32> = (0..n).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
@@ -357,7 +450,10 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
-    rope: Rope,
+    /// RoPE tables: the model's; for Gemma, the global layers' then the sliding layers'.
+    ropes: Vec<Rope>,
+    /// Gemma multiplies token embeddings by √hidden.
+    embed_scale: Option<f64>,
     pub config: LlamaConfig,
     /// What the KV cache holds: f16 when the weights are quantized (llama.cpp's default,
     /// and half the memory read per token), f32 when they are floats; callers may override.
@@ -370,8 +466,13 @@ impl Llama {
     pub fn load(vb: &Vb, vb_head: &Vb, config: &LlamaConfig) -> Result<Self> {
         let c = config;
         let embed_tokens = Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?;
+        if let Some(g) = &c.gemma {
+            if g.windows.len() != c.num_hidden_layers {
+                return Err(ModelError::Config(format!("{} layer types for {} layers", g.windows.len(), c.num_hidden_layers)));
+            }
+        }
         let layers = (0..c.num_hidden_layers)
-            .map(|i| Block::load(&vb.pp("layers").pp(i), c))
+            .map(|i| Block::load(&vb.pp("layers").pp(i), c, i))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if vb_head.contains("lm_head.weight") && !c.tie_word_embeddings {
             vb_head.pp("lm_head").linear(c.hidden_size, c.vocab_size, false)?
@@ -383,9 +484,16 @@ impl Llama {
             kv_dtype: if quantized { KvType::F16 } else { KvType::F32 },
             embed_tokens,
             layers,
-            norm: RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
+            norm: match c.gemma {
+                Some(_) => RmsNorm::load_offset(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
+                None => RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
+            },
             lm_head,
-            rope: Rope::new(c)?,
+            ropes: match &c.gemma {
+                Some(g) => vec![Rope::new(c, c.rope_theta, g.global_rope_factor)?, Rope::new(c, g.local_rope_theta, 1.0)?],
+                None => vec![Rope::new(c, c.rope_theta, 1.0)?],
+            },
+            embed_scale: c.gemma.as_ref().map(|_| (c.hidden_size as f64).sqrt()),
             config: c.clone(),
         })
     }
@@ -398,13 +506,24 @@ impl Llama {
     /// `ids` → `[n, hidden]` embeddings.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, &Device::Cpu)?;
-        Ok(self.embed_tokens.forward(&ids)?)
+        let x = self.embed_tokens.forward(&ids)?;
+        Ok(match self.embed_scale {
+            // In the embeddings' dtype, as transformers rounds it.
+            Some(scale) => (x * f64::from(scale as f32))?,
+            None => x,
+        })
     }
 
     /// Runs `embeds` (`[t, hidden]`) after what the cache holds and returns the logits of
     /// the last position, `[vocab]`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run(embeds, cache, Positions::From(cache.next_position()))
+        self.run(embeds, cache, Positions::From(cache.next_position()), &[])
+    }
+
+    /// [`Llama::forward`] where `blocks` (absolute positions) are runs whose rows see
+    /// each other whole: Gemma 3's images attend bidirectionally within themselves.
+    pub fn forward_with_blocks(&self, embeds: &Tensor, cache: &mut KvCache, blocks: &[Range<usize>]) -> Result<Tensor> {
+        self.run(embeds, cache, Positions::From(cache.next_position()), blocks)
     }
 
     /// [`Llama::forward`] with each row's position given (`positions[r]` for row `r`), as
@@ -419,10 +538,10 @@ impl Llama {
         if let Some(p) = positions.iter().flatten().find(|&&p| p as usize >= limit) {
             return Err(ModelError::Config(format!("position {p} exceeds the model's context of {limit}")));
         }
-        self.run(embeds, cache, Positions::Given(positions))
+        self.run(embeds, cache, Positions::Given(positions), &[])
     }
 
-    fn run(&self, embeds: &Tensor, cache: &mut KvCache, pos: Positions) -> Result<Tensor> {
+    fn run(&self, embeds: &Tensor, cache: &mut KvCache, pos: Positions, blocks: &[Range<usize>]) -> Result<Tensor> {
         let t = embeds.dim(0)?;
         if cache.len() + t > self.config.max_position_embeddings {
             return Err(ModelError::Config(format!(
@@ -433,7 +552,7 @@ impl Llama {
         }
         let mut x = embeds.unsqueeze(0)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.rope, pos, cache, i)?;
+            x = layer.forward(&x, &self.ropes, pos, cache, i, blocks)?;
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
