@@ -185,8 +185,9 @@ impl Vlm {
             return Ok((text, n_images));
         }
         // Where the template wrote the image: a marker string, or the image token itself.
-        let marker = match &self.image_parts {
-            ImageParts::MarkerFirst(m) => m.clone(),
+        let marker = match (self.preprocess.marker(), &self.image_parts) {
+            (Some(m), _) => m.to_string(),
+            (None, ImageParts::MarkerFirst(m)) => m.clone(),
             _ => self.image_marker(),
         };
         let pieces: Vec<&str> = text.split(&marker).collect();
@@ -465,6 +466,8 @@ impl Vlm {
                 cache.set_position_offset(r.delta);
                 logits
             }
+            // Gemma 3: each image's tokens see each other whole.
+            None if self.model.bidirectional_images() => lm.forward_with_blocks(&embeds, cache, &image_runs(prompt))?,
             None => lm.forward(&embeds, cache)?,
         };
         timings.prefill_ms = ms(start_prefill);
@@ -588,6 +591,22 @@ impl Vlm {
             top: best.into_iter().map(|i| (i, piece(i), lp[i as usize])).collect(),
         }
     }
+}
+
+/// Where each image block sits in the prompt's positions.
+fn image_runs(prompt: &Prompt) -> Vec<std::ops::Range<usize>> {
+    let mut at = 0;
+    let mut runs = Vec::new();
+    for s in &prompt.segments {
+        match s {
+            Segment::Tokens(ids) => at += ids.len(),
+            Segment::Image(b) => {
+                runs.push(at..at + prompt.block_tokens[*b]);
+                at += prompt.block_tokens[*b];
+            }
+        }
+    }
+    runs
 }
 
 /// Qwen2-VL's images: every image's flattened patches, one after another, and its grid.

@@ -155,8 +155,9 @@ fn attention_mask(mask: &[bool], tiles: usize) -> candle_core::Result<Option<Ten
     Ok(Some(Tensor::from_vec(values, (tiles, 1, 1, mask.len() / tiles), &Device::Cpu)?))
 }
 
-/// `Idefics3VisionTransformer`: embeddings, encoder, `post_layernorm`.
-struct VisionTransformer {
+/// `Idefics3VisionTransformer`: embeddings, encoder, `post_layernorm`. Gemma 3's SigLIP
+/// is the same tower on whole images ([`VisionTransformer::forward_whole`]).
+pub(crate) struct VisionTransformer {
     patch_embedding: Linear,
     /// `[side², hidden]`.
     position_embedding: Tensor,
@@ -168,7 +169,7 @@ struct VisionTransformer {
 
 impl VisionTransformer {
     /// `vb` points at `vision_model`.
-    fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
         let (h, side) = (c.hidden_size, c.image_size / c.patch_size);
         let emb = vb.pp("embeddings");
         let layers = (0..c.layers_to_run)
@@ -201,6 +202,19 @@ impl VisionTransformer {
         let attention_mask = attention_mask(mask, tiles)?;
         for layer in &self.layers {
             x = layer.forward(&x, attention_mask.as_ref())?;
+        }
+        self.post_layernorm.forward(&x)
+    }
+}
+
+impl VisionTransformer {
+    /// `pixels` is `[n, 3, size, size]`, every patch real, each at its own learned
+    /// position (SigLIP's plain position ids); returns `[n, patches, hidden]`.
+    pub(crate) fn forward_whole(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.patch_embedding.forward(&clip::patchify(pixels, self.config.patch_size)?)?;
+        let mut x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, None)?;
         }
         self.post_layernorm.forward(&x)
     }

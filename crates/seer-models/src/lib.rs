@@ -9,6 +9,7 @@
 
 pub mod clip;
 pub mod error;
+pub mod gemma3;
 pub mod gguf;
 pub mod idefics3;
 pub mod kv_cache;

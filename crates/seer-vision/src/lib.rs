@@ -17,6 +17,7 @@ mod fetch;
 mod jpeg;
 
 pub mod clip;
+pub mod gemma3;
 pub mod idefics3;
 pub mod input;
 pub mod llava_next;

@@ -18,6 +18,7 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
     let model = match family {
         HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::LlavaNext => Model::LlavaNext(LlavaNext::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::Gemma3 => Model::Gemma3(Gemma3::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Qwen2Vl => Model::Qwen2Vl(Qwen2Vl::load_hf(src, &config, isq_type, bf16)?),
     };
@@ -29,6 +30,7 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
     let configured = match &model {
         Model::Llava(m) => m.config.image_token_id,
         Model::LlavaNext(m) => m.llava.config.image_token_id,
+        Model::Gemma3(m) => Some(m.config.image_token_id),
         Model::Idefics3(m) => m.config.image_token_id,
         Model::Qwen2Vl(m) => Some(m.config.image_token_id),
     };
@@ -37,6 +39,10 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
         .ok_or_else(|| EngineError::Model(ModelError::Config("config.json names no image token".into())))?;
     let (preprocess, per_block) = match family {
         HfFamily::Llava => (Preprocess::Hf(hf_image_processor(dir)?), 1),
+        HfFamily::Gemma3 => {
+            let Model::Gemma3(m) = &model else { unreachable!("the family decides the model") };
+            (gemma3_processor(dir, m, &tokenizer)?, m.config.mm_tokens_per_image)
+        }
         // As Qwen2-VL: one image token per image in the template, the count from its size.
         HfFamily::LlavaNext => {
             let Model::LlavaNext(m) = &model else { unreachable!("the family decides the model") };
@@ -106,6 +112,7 @@ fn available_memory() -> Option<u64> {
 enum HfFamily {
     Llava,
     LlavaNext,
+    Gemma3,
     Idefics3,
     Qwen2Vl,
 }
@@ -121,10 +128,28 @@ fn hf_family(config: &Value) -> Result<HfFamily> {
     match arch {
         "LlavaForConditionalGeneration" | "llava" => Ok(HfFamily::Llava),
         "LlavaNextForConditionalGeneration" | "llava_next" => Ok(HfFamily::LlavaNext),
+        "Gemma3ForConditionalGeneration" | "gemma3" => Ok(HfFamily::Gemma3),
         "Idefics3ForConditionalGeneration" | "idefics3" => Ok(HfFamily::Idefics3),
         "Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration" | "qwen2_vl" | "qwen2_5_vl" => Ok(HfFamily::Qwen2Vl),
         other => Err(ModelError::UnsupportedArchitecture { found: other.into(), supported: SUPPORTED.into() }.into()),
     }
+}
+
+/// Gemma 3's image processor: a plain resize to the tower's size (no center crop), and
+/// the text its processor writes for each image.
+fn gemma3_processor(dir: &Path, m: &Gemma3, tokenizer: &Tokenizer) -> Result<Preprocess> {
+    let mut cfg = hf_image_processor(dir)?;
+    cfg.do_center_crop = false;
+    if cfg.do_resize && !matches!(cfg.size, seer_vision::clip::ResizeTarget::Exact { .. }) {
+        return Err(ModelError::Config(format!("{}: Gemma 3's image processor resizes to a height and width", dir.display())).into());
+    }
+    let name = |id: u32| {
+        tokenizer.inner().id_to_token(id).ok_or_else(|| EngineError::Model(ModelError::Config(format!("the vocabulary has no token {id} for Gemma 3's images"))))
+    };
+    let (boi, image, eoi) = (name(m.config.boi_token_id)?, name(m.config.image_token_id)?, name(m.config.eoi_token_id)?);
+    let full = format!("\n\n{boi}{}{eoi}\n\n", image.repeat(m.config.mm_tokens_per_image));
+    let pan_and_scan = read_image_processor(dir, |v| Ok(seer_vision::gemma3::PanAndScan::from_json_value(v)))?;
+    Ok(Preprocess::Gemma3 { cfg, boi, full, pan_and_scan })
 }
 
 /// Qwen2-VL's image processor: `preprocessor_config.json` (the hub's) or nested in

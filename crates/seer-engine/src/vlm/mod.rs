@@ -12,6 +12,7 @@ use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
 use seer_models::{KvCache, KvType, ModelError};
 use seer_models::idefics3::Idefics3;
+use seer_models::gemma3::Gemma3;
 use seer_models::llava_next::LlavaNext;
 use seer_models::qwen2vl::{self, Qwen2Vl, RopeIndex};
 use seer_vision::llava_next::{Layout, LlavaNextProcessorConfig};
@@ -129,6 +130,7 @@ impl VisionDtype {
 /// The architectures behind one interface: what the request path needs of a model.
 pub enum Model {
     Llava(Llava),
+    Gemma3(Gemma3),
     LlavaNext(LlavaNext),
     Idefics3(Idefics3),
     Qwen2Vl(Qwen2Vl),
@@ -139,6 +141,7 @@ impl Model {
         match self {
             Model::Llava(m) => &m.language_model,
             Model::LlavaNext(m) => &m.llava.language_model,
+            Model::Gemma3(m) => &m.language_model,
             Model::Idefics3(m) => &m.language_model,
             Model::Qwen2Vl(m) => &m.language_model,
         }
@@ -148,6 +151,7 @@ impl Model {
         match self {
             Model::Llava(m) => &mut m.language_model,
             Model::LlavaNext(m) => &mut m.llava.language_model,
+            Model::Gemma3(m) => &mut m.language_model,
             Model::Idefics3(m) => &mut m.language_model,
             Model::Qwen2Vl(m) => &mut m.language_model,
         }
@@ -163,6 +167,7 @@ impl Model {
         match self {
             Model::Llava(m) => Some(m.config.image_tokens()),
             Model::Idefics3(m) => Some(m.config.image_seq_len()),
+            Model::Gemma3(m) => Some(m.config.mm_tokens_per_image),
             Model::Qwen2Vl(_) | Model::LlavaNext(_) => None,
         }
     }
@@ -171,6 +176,7 @@ impl Model {
     pub fn encode_images(&self, images: &ImageBatch) -> seer_models::Result<Vec<Tensor>> {
         let stacked = match self {
             Model::Llava(m) => m.encode_images(&images.pixels)?,
+            Model::Gemma3(m) => m.encode_images(&images.pixels)?,
             // Each image is its base tile and grid tiles, packed into one block.
             Model::LlavaNext(m) => {
                 let mut start = 0;
@@ -206,6 +212,11 @@ impl Model {
             }
         };
         (0..stacked.dim(0)?).map(|i| Ok(stacked.get(i)?)).collect()
+    }
+
+    /// Whether an image's tokens attend to each other both ways (Gemma 3).
+    pub fn bidirectional_images(&self) -> bool {
+        matches!(self, Model::Gemma3(_))
     }
 
     /// The M-RoPE positions of a prompt, for the architectures that place image tokens on

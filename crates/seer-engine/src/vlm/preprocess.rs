@@ -19,6 +19,11 @@ pub enum Preprocess {
     /// LLaVA-NeXT's base tile plus grid tiles (`LlavaNextImageProcessorPil`); `cells` is
     /// the model's feature cells per tile side, `base_tokens` the base tile's embeddings.
     LlavaNext { cfg: LlavaNextProcessorConfig, cells: usize, base_tokens: usize },
+    /// Gemma 3: the whole image resized to the tower's size (`Gemma3ImageProcessorPil`),
+    /// then its pan-and-scan crops if the processor asks for them; the processor writes
+    /// `full` (the soft tokens between `<start_of_image>` and `<end_of_image>`) for each,
+    /// where the template wrote `boi`.
+    Gemma3 { cfg: ClipProcessorConfig, boi: String, full: String, pan_and_scan: Option<seer_vision::gemma3::PanAndScan> },
 }
 
 impl Preprocess {
@@ -26,7 +31,11 @@ impl Preprocess {
     pub fn alpha_mode(&self) -> seer_vision::AlphaMode {
         match self {
             Preprocess::Qwen2Vl(cfg) if cfg.style == Qwen2VlStyle::LlamaCpp => seer_vision::AlphaMode::Drop,
-            Preprocess::Hf(_) | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. } | Preprocess::Qwen2Vl(_) | Preprocess::LlavaNext { .. } => {
+            Preprocess::Hf(_)
+            | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. }
+            | Preprocess::Qwen2Vl(_)
+            | Preprocess::LlavaNext { .. }
+            | Preprocess::Gemma3 { .. } => {
                 seer_vision::AlphaMode::OverWhite
             }
             Preprocess::Idefics3 { .. } => seer_vision::AlphaMode::Drop,
@@ -40,6 +49,11 @@ impl Preprocess {
         match self {
             Preprocess::Qwen2Vl(_) => unreachable!("Qwen2-VL images are cut into patches, not pixel blocks"),
             Preprocess::Hf(cfg) => vec![seer_vision::clip::preprocess_hf(img, cfg)],
+            Preprocess::Gemma3 { cfg, pan_and_scan, .. } => {
+                let crops = pan_and_scan.map(|p| p.crops(img.width(), img.height())).unwrap_or_default();
+                let crops = crops.into_iter().map(|(x, y, w, h)| image::imageops::crop_imm(img, x, y, w, h).to_image());
+                std::iter::once(img.clone()).chain(crops).map(|i| seer_vision::clip::preprocess_hf(&i, cfg)).collect()
+            }
             Preprocess::LlamaCppLlava { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std)],
             Preprocess::Idefics3 { cfg, order } => seer_vision::idefics3::preprocess_with_order(img, cfg, *order).tiles,
             Preprocess::LlavaNext { cfg, .. } => seer_vision::llava_next::preprocess(img, cfg),
@@ -48,12 +62,21 @@ impl Preprocess {
 
     /// Whether the prompt text of an image depends on its size ([`Preprocess::expansion`]).
     pub fn expands(&self) -> bool {
-        matches!(self, Preprocess::Idefics3 { .. })
+        matches!(self, Preprocess::Idefics3 { .. } | Preprocess::Gemma3 { .. })
+    }
+
+    /// What the chat template writes for an image where the processor expands something
+    /// other than the image token (Gemma 3's `<start_of_image>`).
+    pub fn marker(&self) -> Option<&str> {
+        match self {
+            Preprocess::Gemma3 { boi, .. } => Some(boi),
+            _ => None,
+        }
     }
 
     /// Whether the prompt needs each image's size (its text or its embedding count).
     pub fn needs_sizes(&self) -> bool {
-        matches!(self, Preprocess::Idefics3 { .. } | Preprocess::Qwen2Vl(_) | Preprocess::LlavaNext { .. })
+        matches!(self, Preprocess::Idefics3 { .. } | Preprocess::Qwen2Vl(_) | Preprocess::LlavaNext { .. } | Preprocess::Gemma3 { pan_and_scan: Some(_), .. })
     }
 
     /// The embeddings a `width × height` image becomes where that depends on its size
@@ -74,6 +97,14 @@ impl Preprocess {
             Preprocess::Idefics3 { cfg, .. } => {
                 let (rows, cols) = seer_vision::idefics3::grid(width, height, cfg);
                 Some((seer_vision::idefics3::prompt_for_image(rows, cols, cfg.image_seq_len), rows * cols + 1))
+            }
+            Preprocess::Gemma3 { full, pan_and_scan, .. } => {
+                let crops = pan_and_scan.map_or(0, |p| p.crops(width, height).len());
+                if crops == 0 {
+                    return Some((full.clone(), 1));
+                }
+                let rest = vec![full.as_str(); crops].join(" ");
+                Some((format!("Here is the original image {full} and here are some crops to help you see better {rest}"), 1 + crops))
             }
             _ => None,
         }
