@@ -15,6 +15,13 @@ What it builds (all deterministic; re-running rewrites the same files):
                        features (projector output after unpadding + image_newline), first-step logits (float32
                        run and float64 run), 16 greedy tokens (EOS masked), margins; computed by loading
                        tiny-llava-next/ back in float32 (and float64 for the check)
+  gguf/                the model converted with llama.cpp's own tools: tiny-llava-next-F16.gguf (the Llama text model,
+                       exported alone as docs/multimodal/llava.md says, convert_hf_to_gguf.py through
+                       convert_with_vocab.py) and mmproj-tiny-llava-next-F16.gguf (llava_surgery_v2.py +
+                       convert_image_encoder_to_gguf.py --llava-projector --clip-model-is-vision, the documented
+                       LLaVA-1.6 path); llamacpp-F16-<case>.json (+ .pixels.f32, .image_features.f32): llama-mtmd-cli
+                       greedy outputs for the single-turn cases, with what llama.cpp fed its vision encoder and got
+                       out of it (emulated, checked against its debug output) and the comparison with transformers
   README.md            what is there and how it was made
 
 Model: LlavaNextConfig / LlavaNextForConditionalGeneration with CLIPVisionConfig (image 56, patch 14: 16
@@ -28,21 +35,27 @@ Tokenizer: the real Llama-2 SentencePiece vocabulary (llama.cpp's models/ggml-vo
 tests/fixtures/llava/tiny-llava-new); chat template: llava-hf's (the same as the LLaVA-1.5 fixtures).
 
 How to run (the benchmark tree of /work/shared/bench/setup.sh: its venv with torch, torchvision,
-transformers 5.23, safetensors, pillow, numpy; the llama.cpp source; tests/fixtures/llava/images must exist):
+transformers 5.23, safetensors, pillow, numpy; the llama.cpp source and its tools in $BENCH_DIR/build/bin:
+llama-mtmd-cli, llama-tokenize, libmtmd.so; tests/fixtures/llava/images must exist):
 
-    ~/.cache/seer-bench/venv/bin/python scripts/make_llava_next_fixtures.py                  # images,hf,cases,readme
-    ~/.cache/seer-bench/venv/bin/python scripts/make_llava_next_fixtures.py --steps cases    # some steps
+    ~/.cache/seer-bench/venv/bin/python scripts/make_llava_next_fixtures.py                  # all steps
+    ~/.cache/seer-bench/venv/bin/python scripts/make_llava_next_fixtures.py --steps gguf,llamacpp,readme
 
-Steps: images, hf, cases, readme.  `--seed-search 1,2,...` prints the smallest greedy margin of each seed (how SEED
-was chosen; writes nothing).  Environment: see scripts/fixture_common.py (BENCH_DIR, LLAMA_CPP_DIR: the llama.cpp
-source, for its vocabulary GGUF).  No GGUF files: llama.cpp conversion is not done for this family (yet).
-Runs on CPU with 2 threads in about 20 seconds.
+Steps: images, hf, cases, gguf (conversion), llamacpp (llama-mtmd-cli references), readme.  `--seed-search 1,2,...`
+prints the smallest greedy margin of each seed (how SEED was chosen; writes nothing).  Environment: see
+scripts/fixture_common.py (BENCH_DIR, LLAMA_CPP_DIR: the llama.cpp source, for its vocabulary GGUF and converters;
+SEER_SHARED_BENCH: convert_with_vocab.py, legacy_llava_mmproj.py).
+Runs on CPU with 2 threads (the llamacpp step: torch 1 thread, llama.cpp -t 1) in about 40 seconds.
 """
 import argparse
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +65,7 @@ from PIL import Image, ImageDraw
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixture_common as fc  # noqa: E402
-from fixture_common import REPO, dump_json, log, write_f32  # noqa: E402
+from fixture_common import BIN, LLAMA_CPP_COMMIT, MEDIA, REPO, dump_json, log, write_f32  # noqa: E402
 
 fc.set_log_tag("llava_next")
 FIX = REPO / "tests" / "fixtures" / "llava_next"
@@ -508,7 +521,743 @@ def seed_search(seeds):
     return res
 
 
+# ============================================================================= GGUF
+GGUF_DIR = FIX / "gguf"
+F16 = GGUF_DIR / "tiny-llava-next-F16.gguf"
+MMPROJ = GGUF_DIR / "mmproj-tiny-llava-next-F16.gguf"
+LLAMACPP_CASES = ["a_square", "b_very_wide", "c_very_tall", "d_two_images"]
+# the llava-1.6 keys of the vision config llama.cpp's docs/multimodal/llava.md have you download
+# (cmp-nct/llava-1.6-gguf config_vit.json: the CLIP ViT-L/336 config plus these, copied from
+# liuhaotian/llava-v1.6-vicuna-7b's config.json); no vision_feature_layer key
+VIT_LLAVA16_KEYS = dict(image_aspect_ratio="anyres", image_crop_resolution=224, image_split_resolution=224,
+                        mm_patch_merge_type="spatial_unpad", mm_projector_type="mlp2x_gelu")
+MMPROJ_KEYS = ["general.name", "clip.projector_type", "clip.has_llava_projector", "clip.vision.image_size",
+               "clip.vision.patch_size", "clip.vision.block_count", "clip.vision.embedding_length",
+               "clip.vision.image_grid_pinpoints", "clip.vision.image_crop_resolution",
+               "clip.vision.image_aspect_ratio", "clip.vision.image_split_resolution",
+               "clip.vision.mm_patch_merge_type", "clip.vision.mm_projector_type", "clip.vision.feature_layer",
+               "clip.vision.image_mean", "clip.vision.image_std", "clip.use_gelu"]
+
+
+def hub_name(k):
+    """transformers 5's checkpoint names (what tiny-llava-next/ holds) -> the 2024 llava-hf/llava-v1.6-* names:
+    only the vision tower differs (vision_tower.* -> vision_tower.vision_model.*)."""
+    if k.startswith("vision_tower."):
+        return "vision_tower.vision_model." + k[len("vision_tower."):]
+    return k
+
+
+def write_text_only_folder(out: Path):
+    """The Llama text model alone as a LlamaForCausalLM folder (what docs/multimodal/llava.md says to do when
+    the LLaVA-1.6 text model does not convert: export model.language_model with transformers):
+    convert_hf_to_gguf.py has no LlavaNextForConditionalGeneration entry.  Weights as stored (bfloat16)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    cfg = json.load(open(FIX / MODEL / "config.json"))
+    tensors = {}
+    with safe_open(str(FIX / MODEL / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            if k.startswith("language_model."):
+                tensors[k[len("language_model."):]] = f.get_tensor(k).contiguous()
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tcfg = dict(cfg["text_config"])
+    tcfg.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16"})
+    tcfg.pop("dtype", None)
+    dump_json(out / "config.json", tcfg)
+    GenerationConfig = __import__("transformers").GenerationConfig
+    GenerationConfig(bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(out)
+
+
+def write_hub_copy(out: Path):
+    """tiny-llava-next/ with the 2024 hub weight names (vision_tower.vision_model.*), as llava_surgery_v2.py
+    expects a LLaVA-1.6 checkpoint; only model.safetensors and config.json."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    out.mkdir(parents=True)
+    with safe_open(str(FIX / MODEL / "model.safetensors"), "pt") as f:
+        tensors = {hub_name(k): f.get_tensor(k).contiguous() for k in f.keys()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(FIX / MODEL / "config.json", out / "config.json")
+
+
+def make_gguf():
+    from make_llava_fixtures import build_vocab_gguf
+    GGUF_DIR.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    legacy = fc.LLAMA_CPP / "tools" / "mtmd" / "legacy-models"
+    env = {"LLAMA_CPP_DIR": str(fc.LLAMA_CPP), "PYTHONDONTWRITEBYTECODE": "1"}
+    with tempfile.TemporaryDirectory(prefix="seer-llava-next-") as td:
+        td = Path(td)
+        # 1. text model: convert_hf_to_gguf.py (through convert_with_vocab.py: tokenizer.* keys from the same
+        #    vocab GGUF as ../llava/gguf/tiny-llava-F16.gguf), F16
+        text = td / "tiny-llava-next-text"
+        write_text_only_folder(text)
+        vocab = td / "llava-vocab.gguf"
+        build_vocab_gguf(vocab)
+        fc.run([py, fc.SHARED_BENCH / "convert_with_vocab.py", text, "--outtype", "f16", "--outfile", F16],
+               env={**env, "VOCAB_GGUF": str(vocab)})
+        # 2. mmproj: llama.cpp's documented LLaVA-1.6 path (docs/multimodal/llava.md, "LLaVA 1.6 gguf conversion")
+        hub = td / "tiny-llava-next-hub"
+        write_hub_copy(hub)
+        fc.run([py, legacy / "llava_surgery_v2.py", "-C", "-m", hub], env=env)  # -> llava.clip, llava.projector
+        vit = td / "vit"
+        vit.mkdir()
+        shutil.copy(hub / "llava.clip", vit / "pytorch_model.bin")
+        shutil.copy(hub / "llava.projector", vit / "llava.projector")
+        cfg = json.load(open(FIX / MODEL / "config.json"))
+        vcfg = {"_name_or_path": "tiny-llava-next-clip-vision", "architectures": ["CLIPVisionModel"],
+                "model_type": "clip_vision_model", "torch_dtype": "float32", **VISION,
+                "image_grid_pinpoints": cfg["image_grid_pinpoints"], **VIT_LLAVA16_KEYS}
+        dump_json(vit / "config.json", vcfg)
+        out = td / "mmproj"
+        fc.run([py, fc.SHARED_BENCH / "legacy_llava_mmproj.py", "-m", vit, "--llava-projector", vit / "llava.projector",
+                "--output-dir", out, "--clip-model-is-vision"], env=env)
+        shutil.move(str(out / "mmproj-model-f16.gguf"), MMPROJ)
+    for p in (F16, MMPROJ):
+        p.chmod(0o644)
+    kv = fc.gguf_kv(MMPROJ, MMPROJ_KEYS)
+    log("mmproj keys:", json.dumps(kv))
+    gguf = fc.gguf_module()
+    names = [t.name for t in gguf.GGUFReader(str(MMPROJ)).tensors]
+    log("mmproj tensors:", names)
+    return kv, names
+
+
+# ============================================================================= llama.cpp references
+# What llama.cpp 0c1e57098 does with a LLaVA-1.6 mmproj (legacy converter, clip.projector_type "mlp",
+# clip.vision.image_grid_pinpoints set), read from tools/mtmd (mtmd.cpp init_vision / add_media,
+# mtmd-image.cpp mtmd_image_preprocessor_llava_uhd + img_tool, clip.cpp load_hparams, models/llava.cpp) and
+# checked against its debug output below (llamacpp_check()).
+def llamacpp_candidates():
+    """clip.vision.image_grid_pinpoints is the config's list flattened; clip.cpp reads it back in pairs as
+    (width, height) (clip_image_size{pinpoints[i], pinpoints[i+1]}), in list order."""
+    return [(a, b) for a, b in PINPOINTS]
+
+
+def llamacpp_candidate_areas(w, h, cw, ch):
+    """target (downscaled size), wasted and effective area of one candidate, as select_best_resolution logs them."""
+    f = np.float32
+    scale = min(f(cw) / f(w), f(ch) / f(h))
+    tw, th = int(f(w) * scale), int(f(h) * scale)
+    eff = min(tw * th, w * h)
+    return {"target_wh": [tw, th], "wasted": cw * ch - eff, "effective": eff}
+
+
+def llamacpp_select_best_resolution(w, h):
+    """mtmd_image_preprocessor_llava_uhd::select_best_resolution: for each candidate (cw, ch), scale =
+    min(cw/w, ch/h) in float32, downscaled = (int)(w*scale) x (int)(h*scale) (float32 products), effective =
+    min(downscaled area, w*h), wasted = cw*ch - effective; the largest effective, then the least wasted
+    (strictly: the first in list order on a full tie)."""
+    f = np.float32
+    best, best_eff, best_waste = None, 0, None
+    for cw, ch in llamacpp_candidates():
+        scale = min(f(cw) / f(w), f(ch) / f(h))
+        tw, th = int(f(w) * scale), int(f(h) * scale)
+        eff = min(tw * th, w * h)
+        waste = cw * ch - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (cw, ch), eff, waste
+    return best
+
+
+def llamacpp_layout(w, h):
+    """The layout llama.cpp makes for one w x h image (sizes as [w, h])."""
+    f = np.float32
+    if not (w > TILE or h > TILE):  # has_slices false: the overview alone
+        return {"size_wh": [w, h], "slices": False, "refined_wh": None, "grid_cols": 0, "grid_rows": 0,
+                "resized_in_refined_wh": None, "pad_left_top": None, "n_chunks": 1, "image_tokens": GRID * GRID}
+    rw, rh = llamacpp_select_best_resolution(w, h)
+    # img_tool::resize with PAD_CEIL: scale = min(rw/w, rh/h) in float32, new side = min(ceil(side*scale), target)
+    scale = min(f(rw) / f(w), f(rh) / f(h))
+    nw, nh = min(int(np.ceil(f(w) * scale)), rw), min(int(np.ceil(f(h) * scale)), rh)
+    cols, rows = rw // TILE, rh // TILE
+    return {"size_wh": [w, h], "slices": True, "refined_wh": [rw, rh], "grid_cols": cols, "grid_rows": rows,
+            "resized_in_refined_wh": [nw, nh], "pad_left_top": [(rw - nw) // 2, (rh - nh) // 2],
+            "n_chunks": rows * cols + 1, "image_tokens": GRID * GRID * (rows * cols + 1)}
+
+
+def resize_h_first(im, size):
+    """Bicubic resize as llama.cpp's img_tool::resize_pillow does it: a port of Pillow's fixed-point separable
+    resampling (a = -0.5, support 2 scaled by the downscale factor, 22-bit weights, u8 between the passes) that
+    always runs the horizontal pass first (as Pillow <= 12).  Pillow 13 runs the vertical pass first in some
+    shrinking cases (python-pillow/Pillow#9549); each single-axis PIL resize below is one pass, the same in all."""
+    w, h = im.size
+    if size == (w, h):
+        return im.copy()
+    if size[0] != w and size[1] != h:
+        im = im.resize((size[0], h), Image.BICUBIC)
+    return im.resize(size, Image.BICUBIC)
+
+
+_STBI = []
+
+
+def llamacpp_decode(path):
+    """The image as llama-mtmd-cli decodes it: mtmd_helper_bitmap_init_from_buf -> stbi_load_from_memory(..., 3)
+    (stb_image, vendored in llama.cpp and exported by $BENCH_DIR/build/bin/libmtmd.so, called here through
+    ctypes).  PNGs decode as in PIL; JPEGs do not (stb_image's IDCT and chroma upsampling differ from libjpeg's:
+    up to 2 levels on wide-120x72.jpg)."""
+    import ctypes
+    if not _STBI:
+        lib = ctypes.CDLL(str(BIN / "libmtmd.so"))
+        lib.stbi_load_from_memory.restype = ctypes.POINTER(ctypes.c_ubyte)
+        lib.stbi_load_from_memory.argtypes = [ctypes.c_char_p, ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 3 + \
+            [ctypes.c_int]
+        _STBI.append(lib)
+    lib = _STBI[0]
+    b = (FIX / path).read_bytes()
+    x, y, c = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    d = lib.stbi_load_from_memory(b, len(b), ctypes.byref(x), ctypes.byref(y), ctypes.byref(c), 3)
+    assert d, f"stb_image cannot decode {path}"
+    a = np.ctypeslib.as_array(d, shape=(y.value, x.value, 3)).copy()
+    lib.stbi_image_free(d)
+    return Image.fromarray(a)
+
+
+def llamacpp_images_u8(path):
+    """(chunks as PIL images in prompt order: tiles row-major, then the overview; layout)."""
+    im = llamacpp_decode(path)
+    lay = llamacpp_layout(*im.size)
+    # overview: image_pad_ov = PAD_NONE: the whole image resized to 56x56 (squashed), bicubic
+    overview = resize_h_first(im, (TILE, TILE))
+    if not lay["slices"]:
+        return [overview], lay
+    rw, rh = lay["refined_wh"]
+    nw, nh = lay["resized_in_refined_wh"]
+    # refined: PAD_CEIL with image_pad_color_rf (0, 0, 0): resized keeping the aspect ratio, pasted at
+    # ((rw-nw)//2, (rh-nh)//2) on a black canvas
+    refined = Image.new("RGB", (rw, rh), (0, 0, 0))
+    refined.paste(resize_h_first(im, (nw, nh)), tuple(lay["pad_left_top"]))
+    tiles = [refined.crop((c * TILE, r * TILE, (c + 1) * TILE, (r + 1) * TILE))
+             for r in range(lay["grid_rows"]) for c in range(lay["grid_cols"])]
+    return tiles + [overview], lay
+
+
+def llamacpp_pixels(path):
+    """[n_chunks, 3, 56, 56] float32: clip_image_f32::from_u8 (v / 255.0f) then normalize ((v - mean) / std,
+    float32, the mmproj's clip.vision.image_mean / image_std)."""
+    chunks, lay = llamacpp_images_u8(path)
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    out = []
+    for c in chunks:
+        a = np.asarray(c, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+        a = (a - mean) / std
+        out.append(a.transpose(2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out))), lay
+
+
+def llamacpp_chunk_features(model, px):
+    """transformers modules wired the way llama.cpp 0c1e57098 runs this mmproj (models/llava.cpp), one 56x56
+    chunk at a time: patch embedding (im2col in f16: the pixels rounded to f16 first), CLS embedding
+    concatenated AFTER the 16 patch embeddings, position embeddings 0..16 added in that order, pre-LN,
+    clip.vision.block_count - 1 = 0 encoder layers (the converter stored num_hidden_layers - 1 = 1 block, the
+    graph runs n_layer - 1 of them), rows 1..16 kept (patch 0 dropped, CLS kept as the last), projector with
+    tanh gelu (ggml_gelu).  ggml-org/llama.cpp#25814, #25817 (see ../llava/README.md)."""
+    vt = model.model.vision_tower
+    vm = getattr(vt, "vision_model", vt)
+    emb = vm.embeddings
+    n_run = (VISION["num_hidden_layers"] - 1) - 1
+    pr = model.model.multi_modal_projector
+    feats = []
+    with torch.no_grad():
+        for i in range(px.shape[0]):
+            p = px[i:i + 1].to(torch.float16).to(torch.float32)
+            x = emb.patch_embedding(p).flatten(2).transpose(1, 2)
+            x = torch.cat([x, emb.class_embedding.view(1, 1, -1)], dim=1)
+            x = x + emb.position_embedding.weight[None, : x.shape[1]]
+            x = vm.pre_layrnorm(x)
+            for layer in vm.encoder.layers[:n_run]:
+                out = layer(x, None)
+                x = out[0] if isinstance(out, tuple) else out
+            x = x[:, 1:]
+            feats.append(pr.linear_2(torch.nn.functional.gelu(pr.linear_1(x), approximate="tanh"))[0])
+    return torch.cat(feats, 0)
+
+
+def spm_piece_bytes(tok, ids):
+    """What llama-mtmd-cli prints for these ids: the pieces, '▁' -> ' ', <0xNN> -> that byte; rows 32002..32063
+    ([PADnnnnn], UNUSED in the GGUF) print nothing."""
+    out = b""
+    for t in tok.convert_ids_to_tokens(ids):
+        if t is None or (t.startswith("[PAD") and t.endswith("]")):
+            continue
+        if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            out += bytes([int(t[3:5], 16)])
+        else:
+            out += t.replace("\u2581", " ").encode("utf-8")
+    return out
+
+
+def mtmd_prompt_ids(model, formatted, layouts):
+    """Prompt ids as mtmd builds them: BOS (add_bos_token true) + each text segment tokenized on its own
+    (parse_special, no BOS), then per image its chunks' 16 embedding positions each (written as 32000)."""
+    segs = formatted.split(MEDIA)
+    ids, k = [1], 0
+    for i, s in enumerate(segs):
+        ids += fc.llama_tokenize(model, s)
+        if i < len(segs) - 1:
+            ids += [IMAGE_ID] * layouts[k]["image_tokens"]
+            k += 1
+    assert k == len(layouts)
+    return ids
+
+
+_TS = re.compile(r"\d+\.\d+\.\d+\.\d+ [DIWE] ")
+
+
+def mtmd_log_layout(stderr):
+    """Per image, what llama-mtmd-cli -v logs about its slicing (get_slice_instructions, add_media) and the
+    n_tokens of every image chunk it decodes."""
+    imgs = []
+    for m in re.finditer(r"get_slice_instructions: original size: (\d+) x (\d+), overview size: (\d+) x (\d+), "
+                         r"refined size: (\d+) x (\d+)", stderr):
+        imgs.append({"original_wh": [int(m.group(1)), int(m.group(2))], "overview_wh": [int(m.group(3)), int(m.group(4))],
+                     "refined_wh": [int(m.group(5)), int(m.group(6))]})
+    grids = [[int(a), int(b)] for a, b in re.findall(r"get_slice_instructions: grid size: (\d+) x (\d+)", stderr)]
+    for d, g in zip(imgs, grids):
+        d["grid_wh"] = g
+    cands = re.findall(r"select_best_resolution: candidate: (\d+) x (\d+), target: (\d+) x (\d+), wasted: (-?\d+), "
+                       r"effective: (\d+)", stderr)
+    per = len(PINPOINTS)
+    for i, d in enumerate(imgs):
+        d["candidates"] = [{"candidate_wh": [int(c[0]), int(c[1])], "target_wh": [int(c[2]), int(c[3])],
+                            "wasted": int(c[4]), "effective": int(c[5])} for c in cands[i * per:(i + 1) * per]]
+    chunks = [int(n) for n in re.findall(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", stderr)]
+    return imgs, chunks
+
+
+def llamacpp_debug_run(model, args):
+    """The same command with MTMD_DEBUG_GRAPH=1 (every clip graph node printed to stdout: the f16 im2col of
+    the pixels and its float32 sum) and MTMD_DEBUG_EMBEDDINGS=1 (per chunk: all 32 values of output token 0
+    and the sum of the chunk's [16, 32] output, in the -v log), -n 1.  Returns per chunk (im2col sum,
+    token-0 values, output sum)."""
+    env = dict(os.environ, MTMD_DEBUG_GRAPH="1", MTMD_DEBUG_EMBEDDINGS="1")
+    a = list(args)
+    a[a.index("-n") + 1] = 1
+    p = subprocess.run([str(BIN / "llama-mtmd-cli")] + [str(x) for x in a], cwd=FIX, capture_output=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout.decode("utf-8", errors="replace")
+    sums = [float(s) for s in re.findall(r"IM2COL\(v\.patch_embd\.weight.*?\n\s+sum = (-?[\d.]+)", out, re.S)]
+    err = _TS.sub("", p.stderr.decode("utf-8", errors="replace"))
+    blocks = re.findall(r"=== MTMD_DEBUG_EMBEDDINGS ===\s*Shape: \[32, 16\]\s*Token 0 \(first 16 values\):([^\n]*)\n"
+                        r"\s*Token 0 \(last 16 values\):([^\n]*)\n\s*Stats: .*?sum=(-?[\d.]+)", err)
+    tok0 = [[float(v) for v in (b[0] + " " + b[1]).split()] for b in blocks]
+    return sums, tok0, [float(b[2]) for b in blocks]
+
+
+def im2col_sum(px):
+    """common_debug_print_tensor's sum of the im2col node: the pixels rounded to f16, summed in float32 in
+    im2col order (output y, output x, then channel, kernel y, kernel x)."""
+    a = px.to(torch.float16).to(torch.float32).numpy()  # [3, 56, 56]
+    a = a.reshape(3, GRID, PATCH, GRID, PATCH).transpose(1, 3, 0, 2, 4).reshape(-1)
+    s = np.float32(0)
+    for v in a:
+        s = np.float32(s + v)
+    return float(s)
+
+
+def llamacpp_args(case):
+    messages = CASES[case]
+    assert len(messages) == 1 and messages[0]["role"] == "user"
+    prompt = " ".join(c["text"] for c in messages[0]["content"] if c["type"] == "text")
+    paths = case_images(messages)
+    args = ["-m", F16.relative_to(FIX), "--mmproj", MMPROJ.relative_to(FIX)]
+    for p in paths:
+        args += ["--image", p]
+    args += ["-p", prompt, "-n", N_NEW_TOKENS, "--temp", "0", "--ignore-eos", "-c", "512", "-t", "1", "--seed", "0",
+             "--jinja", "-v"]
+    return prompt, paths, [str(a) for a in args]
+
+
+def make_llamacpp():
+    torch.set_num_threads(1)
+    proc, _ = load_processor(FIX / MODEL)
+    tok = proc.tokenizer
+    m32, _ = load_models()
+
+    def piece_bytes(ids):
+        return spm_piece_bytes(tok, ids)
+
+    def mtmd(args):
+        cmd = [str(BIN / "llama-mtmd-cli")] + [str(a) for a in args]
+        log("RUN", " ".join(cmd))
+        return subprocess.run(cmd, cwd=FIX, capture_output=True)  # bytes: a piece can be part of a character
+
+    results = {}
+    for case in LLAMACPP_CASES:
+        prompt, paths, args = llamacpp_args(case)
+        p = fc.run_complete(mtmd, args)
+        stderr = p.stderr.decode("utf-8", errors="replace")
+        formatted_parts, n_eval = fc.mtmd_log_info(stderr)
+        assert len(formatted_parts) == 1
+        formatted = formatted_parts[0]
+        eog = fc.eog_ids_from_log(stderr)
+        gen = fc.mtmd_stdout_text(p.stdout, 1)
+        logged, chunk_tokens = mtmd_log_layout(stderr)
+        # the emulation: pixels, layout, features
+        pxs, layouts = zip(*[llamacpp_pixels(pth) for pth in paths])
+        layouts = [dict(la, image=pth) for la, pth in zip(layouts, paths)]
+        assert len(logged) == sum(la["slices"] for la in layouts)
+        for la, lg in zip([la for la in layouts if la["slices"]], logged):
+            assert lg["original_wh"] == la["size_wh"] and lg["refined_wh"] == la["refined_wh"], (lg, la)
+            assert lg["grid_wh"] == [la["grid_cols"], la["grid_rows"]], (lg, la)
+            assert lg["overview_wh"] == [TILE, TILE]
+            assert [c["candidate_wh"] for c in lg["candidates"]] == [list(c) for c in llamacpp_candidates()]
+            assert lg["candidates"] == [{"candidate_wh": [cw, ch], **llamacpp_candidate_areas(*la["size_wh"], cw, ch)}
+                                        for cw, ch in llamacpp_candidates()], lg["candidates"]
+        assert chunk_tokens == [GRID * GRID] * sum(la["n_chunks"] for la in layouts), chunk_tokens
+        ids = mtmd_prompt_ids(F16, formatted, layouts)
+        assert n_eval == len(ids), (n_eval, len(ids))
+        px = torch.cat(pxs)
+        feats = torch.cat([llamacpp_chunk_features(m32, x) for x in pxs])
+        assert feats.shape[0] == ids.count(IMAGE_ID)
+        # llama.cpp's own numbers for the same command (debug run): im2col sums and output token 0 per chunk
+        sums, tok0, outsums = llamacpp_debug_run(F16, args)
+        assert len(sums) == len(tok0) == px.shape[0], (len(sums), len(tok0), px.shape)
+        emu_sums = [im2col_sum(px[i]) for i in range(px.shape[0])]
+        emu_tok0 = feats.view(px.shape[0], GRID * GRID, -1)[:, 0]
+        emu_outsums = feats.view(px.shape[0], GRID * GRID, -1).double().sum((1, 2)).tolist()
+        tok0_diff = float((torch.tensor(tok0, dtype=torch.float64) - emu_tok0.double()).abs().max())
+        # transformers (the hf case) for comparison
+        hf_case = json.load(open(FIX / "cases" / f"{case}.json"))
+        hf_px = torch.from_numpy(np.fromfile(FIX / "cases" / f"{case}.pixels.f32", dtype="<f4")
+                                 .reshape(hf_case["pixel_values_shape"]))
+        px_vs_hf, k = [], 0
+        for i, la in enumerate(layouts):
+            dec = np.abs(np.asarray(llamacpp_decode(la["image"]), dtype=np.int16) -
+                         np.asarray(Image.open(FIX / la["image"]).convert("RGB"), dtype=np.int16))
+            la["stb_image_vs_pil_decode_max_abs_diff"] = int(dec.max())
+            hf_bh, hf_bw = anyres_layout(*la["size_wh"])["best_resolution_hw"]
+            la["hf_best_resolution_wh"] = [hf_bw, hf_bh] if la["slices"] else None
+            la["best_resolution_equal_hf"] = (la["refined_wh"] == [hf_bw, hf_bh]) if la["slices"] else None
+            n = la["n_chunks"]
+            same_grid = la["slices"] and hf_case["anyres"][i]["grid_rows"] == la["grid_rows"] and \
+                hf_case["anyres"][i]["grid_cols"] == la["grid_cols"]
+            tiles = [float((px[k + j] - hf_px[i, 1 + j]).abs().max()) for j in range(n - 1)] if same_grid else None
+            px_vs_hf.append({"image": la["image"], "overview_vs_hf_base_patch": float((px[k + n - 1] - hf_px[i, 0]).abs().max()),
+                             "tiles_vs_hf_tiles": tiles})
+            k += n
+        with torch.no_grad():
+            embeds = m32.get_input_embeddings()(torch.tensor([ids])).clone()
+            embeds[0, torch.tensor(ids) == IMAGE_ID] = feats
+        kw = {"inputs_embeds": embeds, "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
+        toks, mg, _ = fc.greedy(m32, kw, N_NEW_TOKENS, eog)
+        text = piece_bytes(toks)
+        agree = fc.agreeing(piece_bytes, gen, toks)
+        hf_toks = hf_case["greedy_tokens"]
+        hf_text = piece_bytes(hf_toks)
+        rec = {
+            "llama_cpp": LLAMA_CPP_COMMIT, "model": F16.name, "mmproj": MMPROJ.name, "case": case,
+            "cwd": "tests/fixtures/llava_next", "messages": CASES[case], "prompt_given": prompt, "images": paths,
+            "command": ["llama-mtmd-cli"] + args,
+            "formatted_prompt": formatted,
+            "formatted_prompt_note": "the GGUF's chat template (llava-hf's) through llama.cpp's jinja engine, as logged "
+                                     "by -v: one user message whose text starts with one <__media__> per image, so the "
+                                     "template's '<image>\\n' is not produced",
+            "hf_chat_template_prompt": hf_case["prompt"],
+            "prompt_token_ids": ids,
+            "prompt_token_ids_note": "reconstructed: BOS, then each text segment tokenized on its own with llama-tokenize "
+                                     "(SPM adds its space prefix to each), each image as 16 embedding positions per chunk "
+                                     "(written as 32000): its tiles row by row, then the overview; nothing between chunks",
+            "n_prompt_tokens_logged": n_eval,
+            "num_image_tokens_per_image": [la["image_tokens"] for la in layouts],
+            "hf_num_image_tokens_per_image": hf_case["num_image_tokens_per_image"],
+            "image_chunk_n_tokens_logged": chunk_tokens,
+            "llamacpp_layout": layouts,
+            "llamacpp_layout_note": "per image: size_wh; slices (false when neither side exceeds 56: the overview alone); "
+                                    "refined_wh = select_best_resolution over the pinpoints read as (width, height); "
+                                    "resized_in_refined_wh / pad_left_top: the image resized keeping its aspect ratio "
+                                    "(float32 scale, ceil) and pasted on a black refined canvas; grid_cols x grid_rows "
+                                    "tiles of 56; n_chunks = tiles + overview; image_tokens = 16 per chunk",
+            "llamacpp_log_slicing": logged,
+            "eog_ids_masked": eog,
+            "stdout": fc.text_of(p.stdout),
+            "generated_text": fc.text_of(gen),
+            "generated_bytes_hex": gen.hex(),
+            "generated_text_note": "stdout without the newline printed before the text and the two after it; "
+                                   "generated_bytes_hex: the exact bytes (comparisons are on the bytes)",
+            "retokenized_ids": fc.llama_tokenize(F16, gen),
+            "retokenized_ids_note": "llama-tokenize of generated_text (no BOS): a re-tokenization, not the sampled ids "
+                                    "(llama-mtmd-cli does not print those)",
+            "pixels_file": f"llamacpp-F16-{case}.pixels.f32",
+            "pixels_shape": list(px.shape),
+            "pixels_note": "the chunks llama.cpp encodes, emulated in Python (llamacpp_pixels() in the script), float32 "
+                           "little-endian [n_chunks of all images, 3, 56, 56], in prompt order: per image its tiles "
+                           "row by row, then the overview; checked against llama.cpp: llamacpp_im2col_sums",
+            "llamacpp_im2col_sums": sums,
+            "emulated_im2col_sums": emu_sums,
+            "im2col_sums_equal": sums == [round(s, 6) for s in emu_sums],
+            "im2col_note": "per chunk, the sum llama.cpp prints (MTMD_DEBUG_GRAPH=1, %f) of its patch-embedding im2col "
+                           "node (the pixels rounded to f16, summed in float32 in im2col order), and the same sum of "
+                           "pixels_file: equal to the printed 6 decimals means the same pixels (one u8 level moves a "
+                           "sum by about 0.015)",
+            "pixels_vs_hf": px_vs_hf,
+            "pixels_vs_hf_note": "max |llama.cpp chunk - transformers patch| (cases/<case>.pixels.f32): the overview vs "
+                                 "transformers' base patch 0, tile k vs patch 1+k where both chose the same grid",
+            "image_features_file": f"llamacpp-F16-{case}.image_features.f32",
+            "image_features_shape": list(feats.shape),
+            "image_features_note": "the emulation's image embeddings (llamacpp_chunk_features(): float32 transformers "
+                                   "modules on pixels_file, wired as llama.cpp's graph), in prompt order: the rows that "
+                                   "replace the 32000 positions of prompt_token_ids",
+            "llamacpp_token0_per_chunk": tok0,
+            "image_features_token0_max_abs_diff_vs_llamacpp": tok0_diff,
+            "llamacpp_output_sum_per_chunk": outsums,
+            "emulated_output_sum_per_chunk": emu_outsums,
+            "image_features_check_note": "MTMD_DEBUG_EMBEDDINGS=1: llama.cpp prints all 32 values of each chunk's first "
+                                         "output row (6 decimals) and the sum of the chunk's 16 x 32 outputs; llama.cpp "
+                                         "computes with f16 weights and f16-rounded activations in its matrix products",
+            "llamacpp_emulation_greedy_tokens": toks,
+            "llamacpp_emulation_text": fc.text_of(text),
+            "llamacpp_emulation_text_equal": text == gen,
+            "llamacpp_emulation_tokens_agreeing": agree,
+            "llamacpp_emulation_margin_at_first_difference": mg[agree] if agree < N_NEW_TOKENS else None,
+            "llamacpp_emulation_min_margin": min(mg),
+            "llamacpp_emulation_margins": mg,
+            "llamacpp_emulation_note": "transformers (tiny-llava-next, float32): the text model given prompt_token_ids "
+                                       "with image_features_file at the image positions (inputs_embeds), EOG masked; "
+                                       "text = pieces as llama.cpp prints them",
+        }
+        if text != gen:
+            ftoks, devs, complete = fc.follow_llamacpp(m32, kw, piece_bytes, gen, N_NEW_TOKENS, eog)
+            rec.update({"llamacpp_emulation_follow_llamacpp_tokens": ftoks,
+                        "llamacpp_emulation_follow_llamacpp_deviations": devs,
+                        "llamacpp_emulation_follow_llamacpp_complete": complete})
+        rec["sampled_ids_inferred"] = toks if text == gen else (
+            rec["llamacpp_emulation_follow_llamacpp_tokens"] if rec["llamacpp_emulation_follow_llamacpp_complete"] else None)
+        rec["sampled_ids_inferred_note"] = ("the ids llama.cpp sampled, inferred: llamacpp_emulation_greedy_tokens where "
+                                            "their text equals generated_text, else the emulation walked along the text")
+        sampled = rec["sampled_ids_inferred"]
+        rec.update({
+            "hf_greedy_tokens": hf_toks,
+            "hf_greedy_text": fc.text_of(hf_text),
+            "hf_tokens_equal": sampled == hf_toks,
+            "hf_text_equal": hf_text == gen,
+            "hf_tokens_agreeing": fc.agreeing(piece_bytes, gen, hf_toks),
+            "hf_input_ids_equal": ids == hf_case["input_ids"],
+            "hf_note": "transformers' own greedy run of this case (cases/<case>.json: its prompt, its preprocessing and "
+                       "packing); hf_tokens_agreeing = leading transformers tokens whose text llama.cpp printed too",
+        })
+        write_f32(GGUF_DIR / rec["pixels_file"], px)
+        write_f32(GGUF_DIR / rec["image_features_file"], feats)
+        dump_json(GGUF_DIR / f"llamacpp-F16-{case}.json", rec)
+        results[case] = {"text": fc.text_of(gen), "emulation_equal": text == gen, "emulation_agree": agree,
+                         "im2col_equal": rec["im2col_sums_equal"], "tok0_diff": tok0_diff,
+                         "hf_equal": rec["hf_tokens_equal"], "hf_agree": rec["hf_tokens_agreeing"],
+                         "tokens": [la["image_tokens"] for la in layouts], "hf_tokens": hf_case["num_image_tokens_per_image"]}
+        log(f"llama.cpp F16 {case}: {fc.text_of(gen)!r}; emulation equal {text == gen} ({agree}/{N_NEW_TOKENS}), "
+            f"im2col sums equal {rec['im2col_sums_equal']}, token-0 diff {tok0_diff:.2g}; HF equal {sampled == hf_toks}")
+    return results
+
+
 # ============================================================================= README
+def readme_gguf_section():
+    """README part for gguf/ (empty if the gguf step has not run)."""
+    if not MMPROJ.exists() or not all((GGUF_DIR / f"llamacpp-F16-{c}.json").exists() for c in LLAMACPP_CASES):
+        return ""
+    kv = fc.gguf_kv(MMPROJ, MMPROJ_KEYS)
+    recs = {c: json.load(open(GGUF_DIR / f"llamacpp-F16-{c}.json")) for c in LLAMACPP_CASES}
+    hf = {c: json.load(open(FIX / "cases" / f"{c}.json")) for c in LLAMACPP_CASES}
+    kv_rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in kv.items() if v is not None)
+    lay_rows, seen = [], set()
+    for c in LLAMACPP_CASES:
+        for la, hla in zip(recs[c]["llamacpp_layout"], hf[c]["anyres"]):
+            if la["image"] in seen:
+                continue
+            seen.add(la["image"])
+            lay_rows.append(
+                f"| `{la['image']}` | {la['size_wh'][0]}x{la['size_wh'][1]} | {la['refined_wh'][0]}x{la['refined_wh'][1]} "
+                f"({'= HF' if la['best_resolution_equal_hf'] else 'HF: %dx%d' % tuple(la['hf_best_resolution_wh'])}) | "
+                f"{la['grid_rows']} x {la['grid_cols']} | {la['resized_in_refined_wh'][0]}x{la['resized_in_refined_wh'][1]} at "
+                f"{tuple(la['pad_left_top'])} | {la['n_chunks']} | **{la['image_tokens']}** | {hla['image_tokens']} | "
+                f"{la['stb_image_vs_pil_decode_max_abs_diff']} |")
+    px_rows = []
+    for c in LLAMACPP_CASES:
+        for d in recs[c]["pixels_vs_hf"]:
+            t = d["tiles_vs_hf_tiles"]
+            px_rows.append(f"| {c} | `{d['image']}` | {d['overview_vs_hf_base_patch']:.3g} | "
+                           f"{', '.join(f'{v:.3g}' for v in t) if t is not None else '(other grid)'} |")
+    case_rows = []
+    for c in LLAMACPP_CASES:
+        r = recs[c]
+        case_rows.append(
+            f"| {c} | {r['num_image_tokens_per_image']} / {r['hf_num_image_tokens_per_image']} | "
+            f"{len(r['prompt_token_ids'])} / {len(hf[c]['input_ids'])} | {json.dumps(r['generated_text'], ensure_ascii=False)} | "
+            f"{r['im2col_sums_equal']} | {r['image_features_token0_max_abs_diff_vs_llamacpp']:.2g} | "
+            f"{r['llamacpp_emulation_tokens_agreeing']}/{N_NEW_TOKENS} | `{r['sampled_ids_inferred']}` | "
+            f"`{r['hf_greedy_tokens']}` | {r['hf_tokens_equal']} ({r['hf_tokens_agreeing']}/{N_NEW_TOKENS}) |")
+    devs = [(c, d) for c in LLAMACPP_CASES for d in recs[c].get("llamacpp_emulation_follow_llamacpp_deviations", [])]
+    dev_text = ("The emulation's greedy text equals llama.cpp's in every case, so `sampled_ids_inferred` are its tokens."
+                if not devs else
+                "Where llama.cpp's text leaves the emulation's greedy tokens: " + "; ".join(
+                    f"{c} step {d[0]}: llama.cpp took {d[2]} ({json.dumps(d[3], ensure_ascii=False)}, rank {d[1]} in the "
+                    f"emulation's logits, {d[4]:.2g} below its top-1)" for c, d in devs) +
+                " (f16 activations in llama.cpp's matrix products move the logits by about 1e-3).")
+    a = recs["a_square"]
+    same_best = all(la["best_resolution_equal_hf"] for r in recs.values() for la in r["llamacpp_layout"] if la["slices"])
+    n_img = len({la["image"] for r in recs.values() for la in r["llamacpp_layout"]})
+    best_text = (f"the same choice for all {n_img} test images here" if same_best else
+                 "a different choice for some test images here (`best_resolution_equal_hf`)")
+    first_diff = [r["hf_tokens_agreeing"] for r in recs.values()]
+    if not any(r["hf_tokens_equal"] for r in recs.values()) and not any(first_diff):
+        verdict = "**llama.cpp's tokens differ from transformers' from the first token in every case.**"
+    else:
+        verdict = ("**llama.cpp's tokens equal transformers' in " +
+                   f"{sum(r['hf_tokens_equal'] for r in recs.values())} of {len(recs)} cases** (leading tokens agreeing: "
+                   + ", ".join(f"{c} {r['hf_tokens_agreeing']}" for c, r in recs.items()) + ").")
+    return f"""
+## GGUF (`gguf/`)
+
+Made by step `gguf` with llama.cpp {LLAMA_CPP_COMMIT}'s own converters (the source vendored in llama-cpp-python 0.3.36). F16 only
+(a Q8_0 text model would add about 2.7 MB and nothing LLaVA-NeXT-specific; `../llava/gguf` has Q8_0 references).
+
+* `tiny-llava-next-F16.gguf` (text model): `convert_hf_to_gguf.py` has no `LlavaNextForConditionalGeneration` entry
+  at {LLAMA_CPP_COMMIT}, so, as `docs/multimodal/llava.md` (LLaVA 1.6, last note) says, the Llama text model is exported
+  alone: a temporary `LlamaForCausalLM` folder (`text_config` + the `language_model.*` weights without that prefix,
+  bfloat16 as stored) converted with `--outtype f16` through `/work/shared/bench/convert_with_vocab.py`, which takes the
+  `tokenizer.*` keys from a vocab GGUF built by `make_llava_fixtures.build_vocab_gguf()` (the same keys as
+  `../llava/gguf/tiny-llava-F16.gguf`: the Llama-2 SPM pieces, `<image>`/`<pad>` CONTROL, `[PAD32002..32063]` UNUSED,
+  add_bos true, llava-hf's chat template). bf16 values are exact in f16, so the weights are transformers' own.
+* `mmproj-tiny-llava-next-F16.gguf`: the documented LLaVA-1.6 path (`docs/multimodal/llava.md`, "LLaVA 1.6 gguf
+  conversion"): a temporary copy of `{MODEL}/` with the 2024 hub weight names (`vision_tower.vision_model.*`),
+  `tools/mtmd/legacy-models/llava_surgery_v2.py -C -m <copy>` (-> `llava.clip`: the `vision_model.*` tensors;
+  `llava.projector`: `multi_modal_projector.*` and `image_newline`, float32), then a `vit/` folder with
+  `pytorch_model.bin` = `llava.clip` and a `config.json` like the `config_vit.json` the docs download
+  (cmp-nct/llava-1.6-gguf: the CLIP vision config plus LLaVA-1.6's `image_grid_pinpoints`, `image_aspect_ratio`
+  anyres, `image_crop_resolution` 224, `image_split_resolution` 224, `mm_patch_merge_type` spatial_unpad,
+  `mm_projector_type` mlp2x_gelu; no `vision_feature_layer`), converted with
+  `convert_image_encoder_to_gguf.py -m vit --llava-projector vit/llava.projector --clip-model-is-vision` through
+  `/work/shared/bench/legacy_llava_mmproj.py` (transformers 5 shim). F16 (1-D tensors f32).
+
+mmproj metadata:
+
+| key | value |
+|---|---|
+{kv_rows}
+
+Tensors: `mm.0.*`, `mm.2.*` (projector linear_1 / linear_2), `model.image_newline`, `v.class_embd`, `v.patch_embd.weight`,
+`v.position_embd.weight`, `v.pre_ln.*`, `v.blk.0.*` (block 1 of 2 dropped; no post-LN; CLIP's `fc1`/`fc2` stored as
+`ffn_down`/`ffn_up`, which clip.cpp swaps back: "ffn up/down are swapped").
+
+What clip.cpp / mtmd read of this (checked in the source):
+
+* `clip.vision.image_grid_pinpoints`: read (`load_hparams`) into `image_res_candidates`, in pairs **(width, height)**
+  (transformers reads the same config list as [height, width]; this list is symmetric, so the candidates are the
+  same, only their order differs). Its presence is what makes mtmd use the LLaVA-UHD slicer
+  (`mtmd_image_preprocessor_llava_uhd`) instead of the fixed-size LLaVA-1.5 path.
+* `clip.vision.mm_patch_merge_type`: read into `hparams.mm_patch_merge_type`, then never used (its only reader,
+  `clip_patch_merge_type()`, has no caller): no unpadding, no newline.
+* `clip.vision.image_crop_resolution`, `image_aspect_ratio`, `image_split_resolution`, `mm_projector_type`: written
+  by the converter, never read.
+* `model.image_newline`: the legacy converter renames `image_newline` to `model.image_newline`; clip.cpp only looks
+  for `v.image_newline` (optional, so it loads without it), and the LLaVA graph (`models/llava.cpp`) has no use for it
+  anyway.
+* `clip.vision.block_count` {kv['clip.vision.block_count']}: without `vision_feature_layer` in the vit config the
+  converter drops the last layer; the graph then runs `block_count - 1` = **0** encoder layers (the layer-count
+  defect of `../llava/README.md`, ggml-org/llama.cpp#25817; with 2 layers nothing is left). Adding
+  `"vision_feature_layer": -2` to the vit config would write `clip.vision.feature_layer` [1] and make the graph run
+  exactly 1 layer; the documented `config_vit.json` has no such key, so these fixtures follow the docs.
+
+## llama.cpp references (`gguf/llamacpp-F16-<case>.json`)
+
+`llama-mtmd-cli -m gguf/tiny-llava-next-F16.gguf --mmproj gguf/mmproj-tiny-llava-next-F16.gguf --image <img>
+[--image <img>] -p <text> -n 16 --temp 0 --ignore-eos -c 512 -t 1 --seed 0 --jinja -v`, run in this folder, for the
+single-turn cases a_square, b_very_wide, c_very_tall, d_two_images (step `llamacpp`; the GGUF's template through
+llama.cpp's jinja engine: `{json.dumps(a['formatted_prompt'])}`, one `<__media__>` per image at the start of the user
+text, so no `<image>\\n`). With each: `<case>.pixels.f32` and `<case>.image_features.f32` (what llama.cpp feeds its
+vision encoder and what comes out, emulated in Python and checked against llama.cpp's own debug output).
+
+### What llama.cpp {LLAMA_CPP_COMMIT} does with a LLaVA-1.6 image (tools/mtmd: mtmd-helper.cpp, mtmd.cpp, mtmd-image.cpp, clip.cpp, models/llava.cpp)
+
+1. **Decode**: `stbi_load_from_memory(..., 3)` (stb_image). PNGs decode as in PIL; JPEGs do not: stb_image's IDCT and
+   chroma upsampling differ from libjpeg's by up to 2 levels here (`wide-120x72.jpg`). The emulation calls the
+   stb_image of `libmtmd.so` through ctypes (`llamacpp_decode()`).
+2. **Slices or not**: only if width > 56 or height > 56 (`image_size`); otherwise the image is the overview alone,
+   16 tokens (transformers always tiles). All test images here have a side > 56.
+3. **Best resolution** (`select_best_resolution`): candidates in list order as (w, h); `scale = min(cw/w, ch/h)` in
+   float32, downscaled `(int)(w*scale) x (int)(h*scale)`, effective = `min(that area, w*h)`, wasted = `cw*ch -
+   effective`; the largest effective, then the least wasted (strict `<`: the first in list order on a full tie).
+   Same rule as transformers (which computes in float64); {best_text}.
+4. **Refined image** (`img_tool::resize`, `PAD_CEIL`): `scale = min(rw/w, rh/h)` (float32), resized to
+   `min(ceil(w*scale), rw) x min(ceil(h*scale), rh)`, pasted at `((rw-nw)/2, (rh-nh)/2)` (integer division: the extra
+   pixel right/bottom) on a canvas of **(0, 0, 0)** (`image_pad_color_rf`, default black: clip.cpp sets the grey
+   (122, 116, 104) for the refined image only in the branch *without* pinpoints, the one commented "llava-1.6 default
+   params", so a LLaVA-1.6 mmproj never gets it; `image_pad_color` (122, 116, 104) is set but only the fixed-size
+   LLaVA-1.5 path uses it). Same sizes, offsets and colour as transformers (which pads with 0 = black before
+   normalisation).
+5. **Resize filter**: `resize_pillow`, a port of Pillow's fixed-point separable resampling, BICUBIC (a = -0.5,
+   support 2 widened by the downscale factor, 22-bit integer weights, u8 between passes), always the **horizontal pass
+   first** (Pillow <= 12 order). transformers' `LlavaNextImageProcessorPil` with Pillow 13 resamples vertically first
+   in some shrinking cases (python-pillow/Pillow#9549), so its pixels differ there (the tall images below).
+6. **Tiles**: 56x56 crops of the refined image, row by row (y outer, x inner), as transformers.
+7. **Overview** (`image_pad_ov` = `PAD_NONE`): the whole decoded image resized straight to 56x56 (squashed, aspect
+   ratio not kept), same filter: transformers' base patch.
+8. **Normalise**: `v / 255.0f`, then `(v - mean) / std` in float32 with the mmproj's `image_mean` / `image_std`.
+   The patch embedding's im2col then rounds the pixels to f16.
+9. **Encode**: every chunk (tile or overview) separately with the LLaVA graph: patch embeddings, CLS appended
+   **after** them with positions 0..16, pre-LN, 0 encoder layers (above), rows 1..16 kept (patch 0 dropped, CLS kept
+   last), projector `mm.2(gelu(mm.0(x)))` with ggml's tanh gelu (on CPU: a table over f16 inputs and outputs);
+   16 embeddings per chunk (`clip_n_output_tokens`). The CLS-order and layer-count defects are those of
+   `../llava/README.md` (ggml-org/llama.cpp#25814, #25817).
+10. **Pack** (`mtmd_tokenizer::add_media`): for this projector there is no slice template (`MTMD_SLICE_TMPL_NONE`,
+   no tokens between chunks) and `ov_img_first` is false: the **tiles row by row first, then the overview last**,
+   each its own image chunk of 16 positions; **no unpadding and no image_newline**. Image tokens per image =
+   **16 x (rows x cols + 1)**, against transformers' `16 + uh*uw + uh` (base first, unpadded grid, one newline per
+   row).
+11. **Prompt**: BOS, then each text segment tokenized on its own (SPM space prefix on each), chunks in between.
+
+Per image (llama.cpp; `stb vs PIL`: max difference of the decoded u8 pixels):
+
+| image | size | refined (best) w x h | tiles rows x cols | resized in refined, at (left, top) | chunks | llama.cpp tokens | transformers tokens | stb vs PIL |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(lay_rows)}
+
+Pixels against transformers' (`cases/<case>.pixels.f32`; max abs difference after normalisation, same chunk):
+
+| case | image | overview vs base patch | tiles vs tiles |
+|---|---|---|---|
+{chr(10).join(px_rows)}
+
+(One u8 level is 0.0142 to 0.0150 after normalisation. The tall images' differences are the Pillow 13 pass order (see the
+HF layout table above), the JPEG's the decoder; otherwise llama.cpp's pixels are transformers'.)
+
+### Fields and checks
+
+`formatted_prompt` (from the -v log), `prompt_token_ids` (reconstructed: BOS + llama-tokenize per segment + 16 x 32000
+per chunk; equal in length to the logged prompt token count `n_prompt_tokens_logged`), `num_image_tokens_per_image`
+(and transformers' `hf_num_image_tokens_per_image`), `image_chunk_n_tokens_logged` (every image chunk llama.cpp
+decoded: 16 each), `llamacpp_layout` (above), `llamacpp_log_slicing` (what llama.cpp logs: candidates with their
+effective / wasted areas, refined size, grid), `stdout`, `generated_text` / `generated_bytes_hex` (stdout without the
+newline before and the two after), `retokenized_ids`.
+
+* `pixels_file` (`llamacpp-F16-<case>.pixels.f32`, float32 [chunks of all images, 3, 56, 56], prompt order): the
+  emulation (`llamacpp_pixels()`); **checked exact**: llama.cpp run again with `MTMD_DEBUG_GRAPH=1` prints the float32
+  sum of its im2col node per chunk, and the same sum of these pixels (f16-rounded, same order) equals it to the printed
+  6 decimals for every chunk of every case (`llamacpp_im2col_sums` / `emulated_im2col_sums`; one u8 level would move
+  it by about 0.015).
+* `image_features_file` (`llamacpp-F16-<case>.image_features.f32`, float32 [image tokens, 32]): transformers modules
+  wired as llama.cpp's graph (`llamacpp_chunk_features()`) on those pixels; `MTMD_DEBUG_EMBEDDINGS=1` prints all 32
+  values of each chunk's first output row: they agree to `image_features_token0_max_abs_diff_vs_llamacpp` (llama.cpp's
+  f16 weights are exact, its matrix products round the activations to f16).
+* `llamacpp_emulation_*`: transformers' text model (float32) given `prompt_token_ids` with those features at the image
+  positions (inputs_embeds), EOS masked; its greedy text is compared with llama.cpp's bytes. {dev_text}
+* `sampled_ids_inferred`: the ids llama.cpp sampled (it prints text only).
+* `hf_*`: transformers' own greedy run of the case (`cases/<case>.json`).
+
+| case | image tokens llama.cpp / HF | prompt length llama.cpp / HF | llama.cpp text | pixels exact | token-0 diff | emulation tokens agreeing | llama.cpp tokens (inferred) | transformers tokens | equal (HF tokens agreeing) |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(case_rows)}
+
+{verdict} Everything that goes in differs:
+the prompt text (no `<image>\\n`, per-segment tokenization), the number and order of image positions (tiles then
+overview, no unpadding, no newline rows), the image features themselves (0 of the 1 encoder layer transformers runs,
+CLS order, tanh gelu) and, for JPEGs and the tall images, a few pixel levels. The preprocessing proper (best
+resolution, resize sizes, padding, tile order within the grid, base image) is transformers'. To follow llama.cpp
+exactly, the Rust side needs steps 1-11 above; `*.pixels.f32`, `*.image_features.f32` and `prompt_token_ids` pin
+down each stage, `sampled_ids_inferred` the result.
+"""
+
+
 def make_readme():
     import PIL
     import transformers
@@ -578,6 +1327,9 @@ numpy {np.__version__}.  All on CPU, 2 threads.
   transformers strips the `Pil` suffix when saving), `chat_template.jinja`, `tokenizer.json`, `tokenizer_config.json`.
 * `cases/<case>.json` + `<case>.pixels.f32` + `<case>.logits.f32` + `<case>.logits_f64.f32` +
   `<case>.image_features.f32`, and `cases/summary.json`.
+* `gguf/`: the model converted with llama.cpp's own tools (text model F16, LLaVA-1.6 mmproj F16) and
+  llama-mtmd-cli's greedy outputs for the single-turn cases (`llamacpp-F16-<case>.json` + `.pixels.f32` +
+  `.image_features.f32`); see "GGUF" and "llama.cpp references" below.
 
 ## Model
 
@@ -689,7 +1441,7 @@ image matters).
 | case | n input ids | grids | unpadded | image tokens | pixel_values shape | greedy tokens | min margin | f32 == f64 | greedy text |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(case_rows)}
-"""
+""" + readme_gguf_section()
     (FIX / "README.md").write_text(text, encoding="utf-8")
     log("README written")
 
@@ -697,7 +1449,7 @@ image matters).
 # ============================================================================= main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", default="images,hf,cases,readme")
+    ap.add_argument("--steps", default="images,hf,cases,gguf,llamacpp,readme")
     ap.add_argument("--seed-search", default="", help="comma-separated seeds: print the smallest greedy margin "
                                                       "of each (nothing written)")
     a = ap.parse_args()
@@ -712,6 +1464,10 @@ def main():
         make_hf()
     if "cases" in steps:
         print(json.dumps(make_cases(), indent=1))
+    if "gguf" in steps:
+        make_gguf()
+    if "llamacpp" in steps:
+        print(json.dumps(make_llamacpp(), indent=1, ensure_ascii=False))
     if "readme" in steps:
         make_readme()
 

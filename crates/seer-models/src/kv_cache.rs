@@ -22,6 +22,15 @@ enum Buffers {
     F16(Vec<f16>, Vec<f16>),
 }
 
+/// How a layer attends: scores scaled by `scale`, within a sliding `window` (0: none),
+/// with `blocks` of positions that see each other whole.
+#[derive(Clone, Copy)]
+pub struct Attend<'a> {
+    pub scale: f32,
+    pub window: usize,
+    pub blocks: &'a [Range<usize>],
+}
+
 pub struct KvCache {
     layers: Vec<Buffers>,
     kv_heads: usize,
@@ -92,10 +101,9 @@ impl KvCache {
     }
 
     /// Causal attention of `q` (`[t, heads, head_dim]`, the last `t` of the positions
-    /// stored in `layer`, appended but not yet advanced past) into `out` (same shape),
-    /// with scores scaled by `scale`, within a sliding `window` (0: none), and with
-    /// `blocks` of positions that see each other whole.
-    pub fn attend(&self, layer: usize, q: &[f32], heads: usize, scale: f32, window: usize, blocks: &[Range<usize>], out: &mut [f32]) {
+    /// stored in `layer`, appended but not yet advanced past) into `out` (same shape).
+    pub fn attend(&self, layer: usize, q: &[f32], heads: usize, how: &Attend, out: &mut [f32]) {
+        let Attend { scale, window, blocks } = *how;
         let t = q.len() / (heads * self.head_dim);
         let s = AttnShape {
             t,

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
-use crate::kv_cache::{KvCache, KvType};
+use crate::kv_cache::{Attend, KvCache, KvType};
 use crate::layers::{Embedding, RmsNorm};
 use crate::linear::Linear;
 use crate::weights::{GgufNames, Vb};
@@ -298,7 +298,7 @@ impl Attention {
         rope.apply(&mut k, self.kv_heads, self.head_dim, pos);
         cache.append(layer, &k, &v);
         let mut y = vec![0f32; q.len()];
-        cache.attend(layer, &q, self.heads, self.scale, self.window, blocks, &mut y);
+        cache.attend(layer, &q, self.heads, &Attend { scale: self.scale, window: self.window, blocks }, &mut y);
         let y = Tensor::from_vec(y, (b, t, self.heads * self.head_dim), x.device())?;
         Ok(self.o_proj.forward(&y)?)
     }
