@@ -10,14 +10,15 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
-use crate::clip::ClipVisionConfig;
+use crate::clip::{Activation, ClipVisionConfig};
+use crate::gguf::GgufFile;
 use crate::error::{ModelError, Result};
-use crate::idefics3::VisionTransformer;
+use crate::idefics3::{self, VisionTransformer};
 use crate::kv_cache::KvCache;
 use crate::layers::RmsNorm;
-use crate::llama::{Llama, LlamaConfig};
+use crate::llama::{Llama, LlamaConfig, GEMMA3_GGUF_NAMES};
 use crate::llava::find_prefix;
-use crate::weights::{SafetensorsSource, Vb};
+use crate::weights::{GgufNames, GgufSource, SafetensorsSource, Vb};
 
 #[derive(Debug, Clone)]
 pub struct Gemma3Config {
@@ -54,6 +55,14 @@ impl Gemma3Config {
     }
 }
 
+/// llama.cpp's names for the projector.
+const PROJECTOR_GGUF_NAMES: GgufNames = GgufNames {
+    whole: &[("mm_soft_emb_norm.weight", "mm.soft_emb_norm.weight"), ("mm_input_projection_weight", "mm.input_projection.weight")],
+    layers: "-",
+    blocks: "-",
+    modules: &[],
+};
+
 const TEXT_PREFIXES: [&str; 2] = ["language_model.model", "model.language_model"];
 const VISION_PREFIXES: [&str; 4] = ["vision_tower.vision_model", "vision_tower", "model.vision_tower.vision_model", "model.vision_tower"];
 const PROJECTOR_PREFIXES: [&str; 2] = ["multi_modal_projector", "model.multi_modal_projector"];
@@ -69,14 +78,20 @@ struct Projector {
 }
 
 impl Projector {
-    fn load(vb: &Vb, c: &Gemma3Config) -> Result<Self> {
+    /// `norm_offset`: the norm's weight stored centred on 0 (Hugging Face) or with the 1
+    /// added (llama.cpp).
+    fn load(vb: &Vb, c: &Gemma3Config, norm_offset: bool) -> Result<Self> {
         let side = c.vision.image_size / c.vision.patch_size;
         let per_side = (c.mm_tokens_per_image as f64).sqrt() as usize;
         if per_side * per_side != c.mm_tokens_per_image || per_side == 0 || !side.is_multiple_of(per_side) {
             return Err(ModelError::Config(format!("{} tokens per image do not pool a {side}x{side} patch grid", c.mm_tokens_per_image)));
         }
         Ok(Projector {
-            norm: RmsNorm::load_offset(&vb.pp("mm_soft_emb_norm"), c.vision.hidden_size, c.vision.layer_norm_eps)?,
+            norm: if norm_offset {
+                RmsNorm::load_offset(&vb.pp("mm_soft_emb_norm"), c.vision.hidden_size, c.vision.layer_norm_eps)?
+            } else {
+                RmsNorm::load(&vb.pp("mm_soft_emb_norm"), c.vision.hidden_size, c.vision.layer_norm_eps)?
+            },
             weight: vb.tensor_shaped("mm_input_projection_weight", &[c.vision.hidden_size, c.text.hidden_size])?,
             side,
             pool: side / per_side,
@@ -114,8 +129,38 @@ impl Gemma3 {
         let text_vb = root.pp(text).with_isq(isq);
         Ok(Gemma3 {
             vision_tower: VisionTransformer::load(&root.pp(vision).with_bf16(vision_bf16), &c.vision)?,
-            projector: Projector::load(&root.pp(projector), &c)?,
+            projector: Projector::load(&root.pp(projector), &c, true)?,
             // The output matrix is the embedding matrix (tied).
+            language_model: Llama::load(&text_vb, &text_vb, &c.text)?,
+            config: c,
+        })
+    }
+
+    /// From a llama.cpp `gemma3` text model and its `gemma3` projector file.
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
+        let mut vision = ClipVisionConfig::from_gguf(&mmproj)?;
+        // The converter marks SigLIP's `gelu_pytorch_tanh` as `clip.use_gelu`.
+        vision.hidden_act = Activation::GeluTanh;
+        let side = vision.image_size / vision.patch_size;
+        let pool = mmproj.opt_u32("clip.vision.projector.scale_factor").unwrap_or(4) as usize;
+        let token = |name: &str| text.token_id(name).ok_or_else(|| ModelError::Mismatch(format!("{}: the vocabulary has no `{name}` for Gemma 3's images", text.path().display())));
+        let c = Gemma3Config {
+            vision,
+            text: LlamaConfig::from_gguf(&text)?,
+            mm_tokens_per_image: (side / pool.max(1)).pow(2),
+            image_token_id: token("<image_soft_token>")?,
+            boi_token_id: token("<start_of_image>")?,
+            eoi_token_id: token("<end_of_image>")?,
+        };
+        if c.text.gemma.is_none() {
+            return Err(ModelError::Mismatch(format!("{}: a `gemma3` projector needs a `gemma3` text model", mmproj.path().display())));
+        }
+        let vision_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| idefics3::GGUF_NAMES.map(n)))));
+        let projector_vb = Vb::new(Arc::new(GgufSource::new(mmproj, Arc::new(|n: &str| PROJECTOR_GGUF_NAMES.map(n)))));
+        let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| GEMMA3_GGUF_NAMES.map(n)))));
+        Ok(Gemma3 {
+            vision_tower: VisionTransformer::load(&vision_vb.pp("vision_model").with_bf16(vision_bf16), &c.vision)?,
+            projector: Projector::load(&projector_vb, &c, false)?,
             language_model: Llama::load(&text_vb, &text_vb, &c.text)?,
             config: c,
         })

@@ -83,7 +83,7 @@ fn with_defaults(mut defaults: Value, given: Option<&Value>) -> Value {
 }
 
 /// llama.cpp's mmproj names, seen from `model` (`vision_model.*`, `connector.*`).
-const GGUF_NAMES: GgufNames = GgufNames {
+pub(crate) const GGUF_NAMES: GgufNames = GgufNames {
     whole: &[
         ("vision_model.embeddings.patch_embedding.weight", "v.patch_embd.weight"),
         ("vision_model.embeddings.patch_embedding.bias", "v.patch_embd.bias"),

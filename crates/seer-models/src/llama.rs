@@ -61,6 +61,9 @@ pub struct GemmaConfig {
     /// The global layers' linear RoPE scaling: positions divided by it.
     pub global_rope_factor: f64,
     pub query_pre_attn_scalar: f64,
+    /// Norm weights stored centred on 0 (Hugging Face), scaling by `1 + weight`; llama.cpp's
+    /// converter stores them with the 1 added.
+    pub norm_offset: bool,
 }
 
 impl GemmaConfig {
@@ -87,7 +90,30 @@ impl GemmaConfig {
             local_rope_theta: rope("sliding_attention", "rope_theta").or_else(|| text.get("rope_local_base_freq").and_then(Value::as_f64)).unwrap_or(10000.0),
             global_rope_factor: if global_kind == "linear" { rope("full_attention", "factor").unwrap_or(1.0) } else { 1.0 },
             query_pre_attn_scalar: text.get("query_pre_attn_scalar").and_then(Value::as_f64).unwrap_or(256.0),
+            norm_offset: true,
         })
+    }
+
+    /// From a `gemma3` GGUF, as llama.cpp reads it: every sixth layer global, the rest
+    /// sliding; queries scaled by 1/√head_dim (the file has no `query_pre_attn_scalar`).
+    fn from_gguf(f: &GgufFile, layers: usize, head_dim: usize) -> Self {
+        let window = f.opt_u32("gemma3.attention.sliding_window").unwrap_or(4096) as usize;
+        let linear = f.opt_str("gemma3.rope.scaling.type") == Some("linear");
+        GemmaConfig {
+            windows: (0..layers).map(|i| if (i + 1) % 6 == 0 { 0 } else { window }).collect(),
+            local_rope_theta: f.opt_f32("gemma3.rope.freq_base_swa").unwrap_or(10000.0) as f64,
+            global_rope_factor: if linear { f.opt_f32("gemma3.rope.scaling.factor").unwrap_or(1.0) as f64 } else { 1.0 },
+            query_pre_attn_scalar: head_dim as f64,
+            norm_offset: false,
+        }
+    }
+}
+
+/// Gemma's RMSNorm, over `dim`, stored centred on 0 or not as `c` says.
+fn gemma_norm(vb: &Vb, dim: usize, c: &LlamaConfig) -> Result<RmsNorm> {
+    match &c.gemma {
+        Some(g) if g.norm_offset => RmsNorm::load_offset(vb, dim, c.rms_norm_eps),
+        _ => RmsNorm::load(vb, dim, c.rms_norm_eps),
     }
 }
 
@@ -136,7 +162,7 @@ fn bad_mrope(what: &str, head_dim: usize) -> ModelError {
 /// Qwen2-VL keep Hugging Face's order and run NEOX-style (M-RoPE is NEOX-style too).
 fn gguf_rope_style(arch: &str) -> RopeStyle {
     match arch {
-        "qwen2" | "qwen2vl" => RopeStyle::Half,
+        "qwen2" | "qwen2vl" | "gemma3" => RopeStyle::Half,
         _ => RopeStyle::Interleaved,
     }
 }
@@ -197,10 +223,11 @@ impl LlamaConfig {
         let heads = f.get_u32(&key("attention.head_count"))? as usize;
         let head_dim = f.opt_u32(&key("attention.key_length")).map_or(hidden / heads.max(1), |x| x as usize);
         let vocab = f.tensor_shape("token_embd.weight")?[0];
+        let layers = f.get_u32(&key("block_count"))? as usize;
         Ok(LlamaConfig {
             hidden_size: hidden,
             intermediate_size: f.get_u32(&key("feed_forward_length"))? as usize,
-            num_hidden_layers: f.get_u32(&key("block_count"))? as usize,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: f.opt_u32(&key("attention.head_count_kv")).map_or(heads, |x| x as usize),
             head_dim,
@@ -211,10 +238,32 @@ impl LlamaConfig {
             tie_word_embeddings: !f.has_tensor("output.weight"),
             rope_style: gguf_rope_style(&arch),
             mrope_section: gguf_mrope_section(f, &key("rope.dimension_sections"), head_dim)?,
-            gemma: None,
+            gemma: (arch == "gemma3").then(|| GemmaConfig::from_gguf(f, layers, head_dim)),
         })
     }
 }
+
+/// llama.cpp's names for Gemma 3's decoder, whose norms sit elsewhere than LLaMA's.
+pub const GEMMA3_GGUF_NAMES: GgufNames = GgufNames {
+    whole: GGUF_NAMES.whole,
+    layers: "layers",
+    blocks: "blk",
+    modules: &[
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+    ],
+};
 
 /// llama.cpp's names for the decoder's tensors.
 pub const GGUF_NAMES: GgufNames = GgufNames {
@@ -257,7 +306,7 @@ struct Attention {
 impl Attention {
     fn load(vb: &Vb, c: &LlamaConfig, layer: usize) -> Result<Self> {
         let (h, q_out, kv_out) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-        let norm = |name: &str| RmsNorm::load_offset(&vb.pp(name), c.head_dim, c.rms_norm_eps);
+        let norm = |name: &str| gemma_norm(&vb.pp(name), c.head_dim, c);
         let (qk_norm, scale, window) = match &c.gemma {
             Some(g) => (Some((norm("q_norm")?, norm("k_norm")?)), g.query_pre_attn_scalar.powf(-0.5) as f32, g.windows[layer]),
             None => (None, 1.0 / (c.head_dim as f32).sqrt(), 0),
@@ -344,10 +393,7 @@ struct Block {
 
 impl Block {
     fn load(vb: &Vb, c: &LlamaConfig, layer: usize) -> Result<Self> {
-        let norm = |name: &str| match c.gemma {
-            Some(_) => RmsNorm::load_offset(&vb.pp(name), c.hidden_size, c.rms_norm_eps),
-            None => RmsNorm::load(&vb.pp(name), c.hidden_size, c.rms_norm_eps),
-        };
+        let norm = |name: &str| gemma_norm(&vb.pp(name), c.hidden_size, c);
         let feedforward_norms = match c.gemma {
             Some(_) => Some((norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?)),
             None => None,
@@ -484,10 +530,7 @@ impl Llama {
             kv_dtype: if quantized { KvType::F16 } else { KvType::F32 },
             embed_tokens,
             layers,
-            norm: match c.gemma {
-                Some(_) => RmsNorm::load_offset(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
-                None => RmsNorm::load(&vb.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
-            },
+            norm: gemma_norm(&vb.pp("norm"), c.hidden_size, c)?,
             lm_head,
             ropes: match &c.gemma {
                 Some(g) => vec![Rope::new(c, c.rope_theta, g.global_rope_factor)?, Rope::new(c, g.local_rope_theta, 1.0)?],

@@ -413,17 +413,17 @@ pub fn llamacpp_llava_letterbox(img: &RgbImage, image_size: u32) -> RgbImage {
 /// Pillow's bicubic (always horizontal pass first), and pasted centred on a
 /// canvas of `pad`. An input of the target size is copied unchanged.
 pub fn llamacpp_letterbox(img: &RgbImage, width: u32, height: u32, pad: [u8; 3]) -> RgbImage {
+    llamacpp_letterbox_with(img, width, height, pad, Filter::Bicubic)
+}
+
+/// [`llamacpp_letterbox`] with another of llama.cpp's resize filters (Gemma 3's
+/// projector resizes bilinearly).
+pub fn llamacpp_letterbox_with(img: &RgbImage, width: u32, height: u32, pad: [u8; 3], filter: Filter) -> RgbImage {
     if img.dimensions() == (width, height) {
         return img.clone();
     }
     let ((new_w, new_h), (x, y)) = llamacpp_fit(img.dimensions(), (width, height));
-    let resized = resample::resize(
-        img,
-        new_w,
-        new_h,
-        Filter::Bicubic,
-        PassOrder::HorizontalFirst,
-    );
+    let resized = resample::resize(img, new_w, new_h, filter, PassOrder::HorizontalFirst);
     let mut canvas = RgbImage::from_pixel(width, height, Rgb(pad));
     image::imageops::replace(&mut canvas, &resized, i64::from(x), i64::from(y));
     canvas
@@ -453,7 +453,19 @@ pub fn preprocess_llamacpp_llava(
 ) -> Pixels {
     let size = u32::try_from(image_size).expect("image_size fits in u32");
     let boxed = llamacpp_llava_letterbox(img, size);
-    to_pixels(&boxed, |c, v| (f32::from(v) / 255.0 - mean[c]) / std[c])
+    llamacpp_normalize(&boxed, mean, std)
+}
+
+/// llama.cpp mtmd's preprocessing for Gemma 3's projector: letterboxed on black with
+/// its bilinear resize, then normalized as [`preprocess_llamacpp_llava`] does.
+pub fn preprocess_llamacpp_gemma3(img: &RgbImage, image_size: u32, mean: [f32; 3], std: [f32; 3]) -> Pixels {
+    let boxed = llamacpp_letterbox_with(img, image_size, image_size, [0, 0, 0], Filter::Bilinear);
+    llamacpp_normalize(&boxed, mean, std)
+}
+
+/// `x / 255`, then `(x - mean) / std`, in f32 like `clip_image_f32::normalize`.
+fn llamacpp_normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Pixels {
+    to_pixels(img, |c, v| (f32::from(v) / 255.0 - mean[c]) / std[c])
 }
 
 /// Convert an RGB8 image to CHW f32 with a per-channel value map.

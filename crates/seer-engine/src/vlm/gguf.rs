@@ -35,7 +35,8 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
     }
     // A Qwen2-VL projector goes on to check its text model itself (M-RoPE, width).
     let qwen = qwen2vl::Variant::from_projector_type(&proj).is_some();
-    if arch != "llama" && !qwen {
+    let gemma3 = proj.opt_str("clip.projector_type") == Some("gemma3");
+    if arch != "llama" && !qwen && !gemma3 {
         return Err(ModelError::UnsupportedArchitecture { found: format!("{arch} (in {})", model.display()), supported: SUPPORTED.into() }.into());
     }
     let (tokenizer, chat_template) = Tokenizer::from_gguf(&text)?;
@@ -59,6 +60,26 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
             // where the marker was. Both are special tokens, which cut the text around
             // them, so writing them around the marker gives mtmd's ids.
             image_parts: ImageParts::MarkerFirst(format!("{VISION_START}{MEDIA_MARKER}{VISION_END}")),
+            image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
+            preprocess,
+            name: model_name,
+            grammars: Default::default(),
+        });
+    }
+    if gemma3 {
+        let preprocess = Preprocess::LlamaCppGemma3 {
+            size: proj.get_u32("clip.vision.image_size")?,
+            mean: f32x3(&proj, "clip.vision.image_mean")?,
+            std: f32x3(&proj, "clip.vision.image_std")?,
+        };
+        let gemma = Gemma3::load_gguf(text, proj.clone(), vision.bf16(sixteen_bit))?;
+        return Ok(Vlm {
+            model: Model::Gemma3(gemma),
+            tokenizer,
+            template,
+            // mtmd writes `<start_of_image>`, the embeddings and `<end_of_image>` where the
+            // marker was, with no blank lines around them (transformers adds two).
+            image_parts: ImageParts::MarkerFirst(format!("<start_of_image>{MEDIA_MARKER}<end_of_image>")),
             image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
             preprocess,
             name: model_name,

@@ -19,6 +19,8 @@ pub enum Preprocess {
     /// LLaVA-NeXT's base tile plus grid tiles (`LlavaNextImageProcessorPil`); `cells` is
     /// the model's feature cells per tile side, `base_tokens` the base tile's embeddings.
     LlavaNext { cfg: LlavaNextProcessorConfig, cells: usize, base_tokens: usize },
+    /// What llama.cpp does for Gemma 3's projector: letterbox on black (bilinear), normalize.
+    LlamaCppGemma3 { size: u32, mean: [f32; 3], std: [f32; 3] },
     /// Gemma 3: the whole image resized to the tower's size (`Gemma3ImageProcessorPil`),
     /// then its pan-and-scan crops if the processor asks for them; the processor writes
     /// `full` (the soft tokens between `<start_of_image>` and `<end_of_image>`) for each,
@@ -39,7 +41,7 @@ impl Preprocess {
                 seer_vision::AlphaMode::OverWhite
             }
             Preprocess::Idefics3 { .. } => seer_vision::AlphaMode::Drop,
-            Preprocess::LlamaCppLlava { .. } => seer_vision::AlphaMode::Drop,
+            Preprocess::LlamaCppLlava { .. } | Preprocess::LlamaCppGemma3 { .. } => seer_vision::AlphaMode::Drop,
         }
     }
 
@@ -55,6 +57,7 @@ impl Preprocess {
                 std::iter::once(img.clone()).chain(crops).map(|i| seer_vision::clip::preprocess_hf(&i, cfg)).collect()
             }
             Preprocess::LlamaCppLlava { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_llava(img, *size, *mean, *std)],
+            Preprocess::LlamaCppGemma3 { size, mean, std } => vec![seer_vision::clip::preprocess_llamacpp_gemma3(img, *size, *mean, *std)],
             Preprocess::Idefics3 { cfg, order } => seer_vision::idefics3::preprocess_with_order(img, cfg, *order).tiles,
             Preprocess::LlavaNext { cfg, .. } => seer_vision::llava_next::preprocess(img, cfg),
         }
