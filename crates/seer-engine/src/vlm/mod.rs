@@ -37,7 +37,7 @@ pub use preprocess::{ImageSlot, Preprocess};
 /// The architectures seer can load, for error messages.
 pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5), LlavaNextForConditionalGeneration (LLaVA 1.6), Gemma3ForConditionalGeneration, Idefics3ForConditionalGeneration \
                              (SmolVLM), Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration from a \
-                             Hugging Face folder; a GGUF `llama` text model with an LLaVA `mlp` or SmolVLM `idefics3` \
+                             Hugging Face folder; a GGUF `gemma3` text model with a `gemma3` projector; a GGUF `llama` text model with an LLaVA `mlp` or SmolVLM `idefics3` \
                              projector (mmproj), or a `qwen2vl` text model with a `qwen2vl_merger` or \
                              `qwen2.5vl_merger` projector";
 
