@@ -21,6 +21,7 @@ pub mod gemma3;
 pub mod idefics3;
 pub mod input;
 pub mod llava_next;
+pub mod mllama;
 pub mod qwen2vl;
 pub mod resample;
 
