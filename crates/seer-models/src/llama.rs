@@ -46,6 +46,22 @@ pub struct LlamaConfig {
     pub mrope_section: Option<[usize; 3]>,
     /// Gemma 3's departures from LLaMA; `None` for LLaMA.
     pub gemma: Option<GemmaConfig>,
+    /// Llama 3's RoPE frequency scaling (`rope_type: llama3`).
+    pub rope_llama3: Option<Llama3Rope>,
+    /// Llama 3.2 Vision: the layers that cross-attend to the image instead of the text.
+    pub cross_attention_layers: Vec<usize>,
+    /// Embedding rows past the vocabulary (Llama 3.2 Vision has 8, for its image token).
+    pub extra_embeddings: usize,
+}
+
+/// Llama 3's scaling of the RoPE frequencies: long wavelengths divided by `factor`,
+/// short ones kept, the band between blended.
+#[derive(Debug, Clone, Copy)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_context: f64,
 }
 
 /// What Gemma 3's decoder does differently: norms that scale by `1 + weight`, norms on
@@ -180,10 +196,25 @@ impl LlamaConfig {
         if let Some(kind) = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str) {
             // Qwen2-VL's hub configs say "mrope"; transformers 5 rewrites that to "default"
             // plus `mrope_section`. Both mean the unscaled frequencies.
-            if kind != "default" && kind != "mrope" {
+            if kind != "default" && kind != "mrope" && kind != "llama3" {
                 return Err(ModelError::Config(format!("rope type `{kind}` is not supported yet")));
             }
         }
+        let rope_llama3 = rope.filter(|r| r.get("rope_type").and_then(Value::as_str) == Some("llama3")).map(|r| {
+            let f = |k: &str, d: f64| r.get(k).and_then(Value::as_f64).unwrap_or(d);
+            Llama3Rope {
+                factor: f("factor", 8.0),
+                low_freq_factor: f("low_freq_factor", 1.0),
+                high_freq_factor: f("high_freq_factor", 4.0),
+                original_context: f("original_max_position_embeddings", 8192.0),
+            }
+        });
+        let is_mllama = text.get("model_type").and_then(Value::as_str) == Some("mllama_text_model");
+        let cross_attention_layers: Vec<usize> = text
+            .get("cross_attention_layers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+            .unwrap_or_default();
         let is_gemma = text.get("model_type").and_then(Value::as_str) == Some("gemma3_text");
         let head_dim = get("head_dim", hidden / heads.max(1));
         let mrope_section = rope.and_then(|r| r.get("mrope_section")).map(|v| mrope_section(v, head_dim)).transpose()?;
@@ -212,6 +243,9 @@ impl LlamaConfig {
             rope_style: RopeStyle::Half,
             mrope_section,
             gemma: if is_gemma { Some(GemmaConfig::from_hf(text)?) } else { None },
+            rope_llama3,
+            cross_attention_layers,
+            extra_embeddings: if is_mllama { 8 } else { 0 },
         })
     }
 
@@ -239,6 +273,9 @@ impl LlamaConfig {
             rope_style: gguf_rope_style(&arch),
             mrope_section: gguf_mrope_section(f, &key("rope.dimension_sections"), head_dim)?,
             gemma: (arch == "gemma3").then(|| GemmaConfig::from_gguf(f, layers, head_dim)),
+            rope_llama3: None,
+            cross_attention_layers: Vec::new(),
+            extra_embeddings: 0,
         })
     }
 }
@@ -420,6 +457,113 @@ impl Block {
     }
 }
 
+/// Llama 3.2 Vision's cross-attention layer: the text attends to the image's states
+/// (keys and values computed once per request), both halves gated, the MLP's output kept
+/// only for rows that see an image.
+struct CrossBlock {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    /// tanh of the attention and MLP gates.
+    attn_gate: f64,
+    mlp_gate: f64,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl CrossBlock {
+    fn load(vb: &Vb, c: &LlamaConfig) -> Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let attn = vb.pp("cross_attn");
+        let gate = |name: &str| -> Result<f64> { Ok(f64::from(vb.tensor_shaped(name, &[1])?.to_vec1::<f32>()?[0]).tanh()) };
+        Ok(CrossBlock {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), h, c.rms_norm_eps)?,
+            q_proj: attn.pp("q_proj").linear(h, c.num_attention_heads * d, false)?,
+            k_proj: attn.pp("k_proj").linear(h, c.num_key_value_heads * d, false)?,
+            v_proj: attn.pp("v_proj").linear(h, c.num_key_value_heads * d, false)?,
+            o_proj: attn.pp("o_proj").linear(c.num_attention_heads * d, h, false)?,
+            q_norm: RmsNorm::load(&attn.pp("q_norm"), d, c.rms_norm_eps)?,
+            k_norm: RmsNorm::load(&attn.pp("k_norm"), d, c.rms_norm_eps)?,
+            attn_gate: gate("cross_attn_attn_gate")?,
+            mlp_gate: gate("cross_attn_mlp_gate")?,
+            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), h, c.rms_norm_eps)?,
+            mlp: Mlp::load(&vb.pp("mlp"), c)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    /// Keys and values of the image states `[n, hidden]`, each `[heads, n, head_dim]`
+    /// (key/value heads repeated for their query heads).
+    fn states(&self, states: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let n = states.dim(0)?;
+        let (kv, d, rep) = (self.kv_heads, self.head_dim, self.heads / self.kv_heads);
+        let heads = |y: Tensor| -> candle_core::Result<Tensor> {
+            let y = y.reshape((n, kv, 1, d))?.broadcast_as((n, kv, rep, d))?.reshape((n, kv * rep, d))?;
+            y.transpose(0, 1)?.contiguous()
+        };
+        let k = self.k_norm.forward(&self.k_proj.forward(states)?.reshape((n * kv, d))?)?;
+        Ok((heads(k)?, heads(self.v_proj.forward(states)?)?))
+    }
+
+    fn forward(&self, x: &Tensor, kv: &(Tensor, Tensor), mask: &CrossMask) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (heads, d) = (self.heads, self.head_dim);
+        let q = self.q_norm.forward(&self.q_proj.forward(&self.input_layernorm.forward(x)?)?.reshape((t * heads, d))?)?;
+        let q = q.reshape((t, heads, d))?.transpose(0, 1)?.contiguous()?;
+        let scores = (q.matmul(&kv.0.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask.bias)?;
+        let y = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&kv.1)?.transpose(0, 1)?.reshape((b, t, heads * d))?;
+        let x = (x + (self.o_proj.forward(&y)? * self.attn_gate)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = h.broadcast_mul(&mask.rows.reshape((1, t, 1))?)?;
+        x + (h * self.mlp_gate)?
+    }
+}
+
+/// The image states' keys and values for each cross-attention layer, computed once.
+pub struct CrossStates {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+/// Which image states each query row sees.
+pub struct CrossMask {
+    /// `[t, n]`: 0 where a row sees a state, a large negative number elsewhere; a row
+    /// that sees no image at all is all 0, as transformers leaves it.
+    bias: Tensor,
+    /// `[t]`: 1 for rows that see an image, 0 for the rest (their MLP output is dropped).
+    rows: Tensor,
+}
+
+impl CrossMask {
+    /// From each row's view of the `n` image states.
+    pub fn new(visible: &[Vec<bool>]) -> candle_core::Result<Self> {
+        let n = visible.first().map_or(0, Vec::len);
+        let mut bias = Vec::with_capacity(visible.len() * n);
+        let mut rows = Vec::with_capacity(visible.len());
+        for row in visible {
+            let any = row.iter().any(|&v| v);
+            bias.extend(row.iter().map(|&v| if v || !any { 0.0f32 } else { f32::MIN }));
+            rows.push(if any { 1.0f32 } else { 0.0 });
+        }
+        let t = visible.len();
+        Ok(CrossMask { bias: Tensor::from_vec(bias, (t, n), &Device::Cpu)?, rows: Tensor::from_vec(rows, t, &Device::Cpu)? })
+    }
+}
+
+/// A decoder layer: attending to the text, or (Llama 3.2 Vision) to the image.
+enum Layer {
+    Decoder(Block),
+    Cross(CrossBlock),
+}
+
 /// Where the rows of one forward pass sit.
 #[derive(Clone, Copy)]
 enum Positions<'a> {
@@ -449,13 +593,31 @@ struct Rope {
     component: Vec<usize>,
 }
 
+/// transformers' `_compute_llama3_parameters` for one frequency, in f32 as it computes.
+fn llama3_frequency(f: f32, l: Llama3Rope) -> f32 {
+    let (factor, low, high, context) = (l.factor as f32, l.low_freq_factor as f32, l.high_freq_factor as f32, l.original_context as f32);
+    let wavelen = 2.0 * std::f32::consts::PI / f;
+    let (low_wavelen, high_wavelen) = (context / low, context / high);
+    if wavelen > low_wavelen {
+        return f / factor;
+    }
+    if wavelen < high_wavelen {
+        return f;
+    }
+    let smooth = (context / wavelen - low) / (high - low);
+    (1.0 - smooth) * f / factor + smooth * f
+}
+
 impl Rope {
     /// The table for RoPE base `theta`, positions divided by `factor` (linear scaling).
     fn new(c: &LlamaConfig, theta: f64, factor: f64) -> Result<Self> {
         let half = c.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / c.head_dim as f32) / factor as f32)
             .collect();
+        if let Some(l) = c.rope_llama3 {
+            inv_freq.iter_mut().for_each(|f| *f = llama3_frequency(*f, l));
+        }
         let n = c.max_position_embeddings;
         let freqs: Vec<f32> = (0..n).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
         let component = match c.mrope_section {
@@ -493,7 +655,7 @@ impl Rope {
 
 pub struct Llama {
     embed_tokens: Embedding,
-    layers: Vec<Block>,
+    layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
     /// RoPE tables: the model's; for Gemma, the global layers' then the sliding layers'.
@@ -511,21 +673,24 @@ impl Llama {
     /// sit under different prefixes in every checkpoint layout).
     pub fn load(vb: &Vb, vb_head: &Vb, config: &LlamaConfig) -> Result<Self> {
         let c = config;
-        let embed_tokens = Embedding::load(&vb.pp("embed_tokens"), c.vocab_size, c.hidden_size)?;
+        let embed_tokens = Embedding::load(&vb.pp("embed_tokens"), c.vocab_size + c.extra_embeddings, c.hidden_size)?;
         if let Some(g) = &c.gemma {
             if g.windows.len() != c.num_hidden_layers {
                 return Err(ModelError::Config(format!("{} layer types for {} layers", g.windows.len(), c.num_hidden_layers)));
             }
         }
         let layers = (0..c.num_hidden_layers)
-            .map(|i| Block::load(&vb.pp("layers").pp(i), c, i))
+            .map(|i| match c.cross_attention_layers.contains(&i) {
+                true => CrossBlock::load(&vb.pp("layers").pp(i), c).map(Layer::Cross),
+                false => Block::load(&vb.pp("layers").pp(i), c, i).map(Layer::Decoder),
+            })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if vb_head.contains("lm_head.weight") && !c.tie_word_embeddings {
             vb_head.pp("lm_head").linear(c.hidden_size, c.vocab_size, false)?
         } else {
             embed_tokens.as_linear()?
         };
-        let quantized = layers.first().is_some_and(|l: &Block| l.self_attn.q_proj.is_quantized());
+        let quantized = layers.iter().any(|l| matches!(l, Layer::Decoder(b) if b.self_attn.q_proj.is_quantized()));
         Ok(Llama {
             kv_dtype: if quantized { KvType::F16 } else { KvType::F32 },
             embed_tokens,
@@ -584,7 +749,31 @@ impl Llama {
         self.run(embeds, cache, Positions::Given(positions), &[])
     }
 
+    /// The image states' keys and values for every cross-attention layer (Llama 3.2
+    /// Vision); `states` is `[n, hidden]`.
+    pub fn cross_states(&self, states: &Tensor) -> Result<CrossStates> {
+        let kv = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Layer::Cross(c) => c.states(states).map(Some),
+                Layer::Decoder(_) => Ok(None),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(CrossStates { kv })
+    }
+
+    /// [`Llama::forward`] with the cross-attention layers attending to `cross` as `mask`
+    /// says (one mask row per embedding).
+    pub fn forward_cross(&self, embeds: &Tensor, cache: &mut KvCache, cross: &CrossStates, mask: &CrossMask) -> Result<Tensor> {
+        self.run_with(embeds, cache, Positions::From(cache.next_position()), &[], Some((cross, mask)))
+    }
+
     fn run(&self, embeds: &Tensor, cache: &mut KvCache, pos: Positions, blocks: &[Range<usize>]) -> Result<Tensor> {
+        self.run_with(embeds, cache, pos, blocks, None)
+    }
+
+    fn run_with(&self, embeds: &Tensor, cache: &mut KvCache, pos: Positions, blocks: &[Range<usize>], cross: Option<(&CrossStates, &CrossMask)>) -> Result<Tensor> {
         let t = embeds.dim(0)?;
         if cache.len() + t > self.config.max_position_embeddings {
             return Err(ModelError::Config(format!(
@@ -595,7 +784,15 @@ impl Llama {
         }
         let mut x = embeds.unsqueeze(0)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.ropes, pos, cache, i, blocks)?;
+            x = match (layer, cross) {
+                (Layer::Decoder(b), _) => b.forward(&x, &self.ropes, pos, cache, i, blocks)?,
+                (Layer::Cross(c), Some((states, mask))) => match &states.kv[i] {
+                    Some(kv) => c.forward(&x, kv, mask)?,
+                    None => return Err(ModelError::Mismatch(format!("no image states for cross-attention layer {i}"))),
+                },
+                // Without an image the cross-attention layers are skipped, as in transformers.
+                (Layer::Cross(_), None) => x,
+            };
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
