@@ -135,6 +135,15 @@ impl Vlm {
         let segments = match &self.image_slot {
             ImageSlot::Token { id, per_block } => self.split_on_token(&text, *id, *per_block)?,
             ImageSlot::Marker(marker) => self.split_on_marker(&text, marker)?,
+            // The whole text as tokens: its image tokens mark where each image is seen from.
+            ImageSlot::CrossAttention(id) => {
+                let ids = self.split_on_token(&text, u32::MAX, 1)?;
+                let slots = ids.iter().map(|s| if let Segment::Tokens(t) = s { t.iter().filter(|&&x| x == *id).count() } else { 0 }).sum();
+                if slots != n_blocks {
+                    return Err(self.misplaced_images(messages, slots));
+                }
+                return Ok(Prompt { text, segments: ids, block_tokens: Vec::new() });
+            }
         };
         let slots = segments.iter().filter(|s| matches!(s, Segment::Image(_))).count();
         if slots != n_blocks {
@@ -226,7 +235,7 @@ impl Vlm {
     /// The text that stands for an image in a rendered prompt.
     fn image_marker(&self) -> String {
         match &self.image_slot {
-            ImageSlot::Token { id, .. } => self.tokenizer.token_to_string(*id),
+            ImageSlot::Token { id, .. } | ImageSlot::CrossAttention(id) => self.tokenizer.token_to_string(*id),
             ImageSlot::Marker(marker) => marker.clone(),
         }
     }
@@ -409,6 +418,10 @@ impl Vlm {
         if let Preprocess::Qwen2Vl(cfg) = &self.preprocess {
             return qwen2vl_batch(&images, cfg);
         }
+        let tiles = match &self.preprocess {
+            Preprocess::Mllama(cfg) => images.iter().map(|(_, img)| seer_vision::mllama::preprocess(img, cfg)).map(|p| (p.tiles.len(), p.aspect_ratio_id)).collect(),
+            _ => Vec::new(),
+        };
         let pixels: Vec<_> = images.iter().map(|(_, img)| self.preprocess.apply(img)).collect();
         let layouts = match &self.preprocess {
             Preprocess::LlavaNext { cfg, cells, .. } => images.iter().map(|(_, img)| cfg.layout(img.width(), img.height(), *cells)).collect(),
@@ -419,7 +432,7 @@ impl Vlm {
             .flatten()
             .map(|p| Tensor::from_vec(p.data, (p.channels, p.height, p.width), &Device::Cpu))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(ImageBatch { pixels: Tensor::stack(&tensors, 0)?, grids: Vec::new(), layouts })
+        Ok(ImageBatch { pixels: Tensor::stack(&tensors, 0)?, grids: Vec::new(), layouts, tiles })
     }
 
     /// The decoder's input for the whole prompt, `[positions, hidden]`.
@@ -440,6 +453,9 @@ impl Vlm {
 
     /// Logits for the token after the prompt, with the cache left holding the prompt.
     pub fn prefill(&self, prompt: &Prompt, images: Option<&ImageBatch>, cache: &mut seer_models::KvCache, timings: &mut Timings) -> Result<Tensor> {
+        if let (crate::vlm::Model::Mllama(m), Some(batch)) = (&self.model, images) {
+            return self.prefill_cross(m, prompt, batch, cache, timings);
+        }
         let start = Instant::now();
         let features = match images {
             Some(b) => Some(self.model.encode_images(b)?),
@@ -475,6 +491,33 @@ impl Vlm {
         Ok(logits)
     }
 
+    /// Llama 3.2 Vision's prefill: the images become cross-attention states, which the
+    /// cache keeps for the decode steps; the text sees each image from its image token on.
+    fn prefill_cross(&self, m: &seer_models::mllama::Mllama, prompt: &Prompt, batch: &ImageBatch, cache: &mut seer_models::KvCache, timings: &mut Timings) -> Result<Tensor> {
+        let start = Instant::now();
+        let mut states = Vec::new();
+        let mut at = 0;
+        for &(n, id) in &batch.tiles {
+            states.push(m.encode_image(&batch.pixels.narrow(0, at, n)?, id)?);
+            at += n;
+        }
+        let states = Tensor::cat(&states, 0)?;
+        timings.image_encode_ms = ms(start);
+        let start = Instant::now();
+        let ids: Vec<u32> = prompt.segments.iter().flat_map(|s| if let Segment::Tokens(t) = s { t.clone() } else { Vec::new() }).collect();
+        let cfg = &m.vision.config;
+        let rows = cross_rows(&ids, m.image_token_id, &batch.tiles, cfg.max_tiles, cfg.tile_tokens());
+        let lm = self.model.language_model();
+        let cross = lm.cross_states(&states)?;
+        let mask = seer_models::llama::CrossMask::new(&rows)?;
+        let logits = lm.forward_cross(&lm.embed(&ids)?, cache, &cross, &mask)?;
+        let decode = seer_models::llama::CrossMask::new(&rows[rows.len().saturating_sub(1)..])?;
+        cache.cross = Some(seer_models::llama::CrossContext { states: cross, decode });
+        timings.prefill_ms = ms(start);
+        timings.prefill_tokens_per_s = ids.len() as f64 / (timings.prefill_ms / 1e3);
+        Ok(logits)
+    }
+
     /// Runs a request. `on_text` receives each piece of text as it becomes final and
     /// returns `false` to stop early.
     pub fn generate(&self, req: &GenerateRequest, limits: &ImageLimits, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation> {
@@ -492,7 +535,8 @@ impl Vlm {
         let prompt = self.prompt_for(req)?;
         let Usage { prompt_tokens, image_tokens, .. } = self.prompt_usage(&prompt)?;
         let mut guide = self.guide(req)?;
-        let has_images = prompt.segments.iter().any(|s| matches!(s, Segment::Image(_)));
+        let cross_images = matches!(self.image_slot, ImageSlot::CrossAttention(_)) && req.messages.iter().any(|m| m.images().next().is_some());
+        let has_images = cross_images || prompt.segments.iter().any(|s| matches!(s, Segment::Image(_)));
         let pixels = if has_images { Some(self.load_pixels(&req.messages, limits)?) } else { None };
         let context = self.context_length();
         let mut timings = Timings::default();
@@ -593,6 +637,34 @@ impl Vlm {
     }
 }
 
+/// Which image states each prompt row sees (transformers' `get_cross_attention_token_mask`):
+/// image i from its image token up to the next image token, the last to the end; images
+/// whose tokens are adjacent all see as far as the last of the run. Each image is
+/// `max_tiles × tile_tokens` states, of which its real tiles' are visible.
+fn cross_rows(ids: &[u32], image_token: u32, tiles: &[(usize, usize)], max_tiles: usize, tile_tokens: usize) -> Vec<Vec<bool>> {
+    let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i).collect();
+    let mut spans: Vec<(usize, usize)> = at.iter().enumerate().map(|(k, &s)| (s, at.get(k + 1).copied().unwrap_or(ids.len()))).collect();
+    let mut end = ids.len();
+    for span in spans.iter_mut().rev() {
+        if span.0 + 1 == span.1 {
+            span.1 = end;
+        }
+        end = span.1;
+    }
+    let per_image = max_tiles * tile_tokens;
+    (0..ids.len())
+        .map(|row| {
+            let mut seen = vec![false; per_image * tiles.len()];
+            for (i, &(start, stop)) in spans.iter().enumerate().take(tiles.len()) {
+                if (start..stop).contains(&row) {
+                    seen[i * per_image..][..tiles[i].0 * tile_tokens].fill(true);
+                }
+            }
+            seen
+        })
+        .collect()
+}
+
 /// Where each image block sits in the prompt's positions.
 fn image_runs(prompt: &Prompt) -> Vec<std::ops::Range<usize>> {
     let mut at = 0;
@@ -622,7 +694,7 @@ fn qwen2vl_batch(images: &[(usize, Arc<image::RgbImage>)], cfg: &seer_vision::qw
         grids.push(p.grid_thw);
     }
     let rows = patches.len() / dim.max(1);
-    Ok(ImageBatch { pixels: Tensor::from_vec(patches, (rows, dim), &Device::Cpu)?, grids, layouts: Vec::new() })
+    Ok(ImageBatch { pixels: Tensor::from_vec(patches, (rows, dim), &Device::Cpu)?, grids, layouts: Vec::new(), tiles: Vec::new() })
 }
 
 /// Cuts `ids` into token runs and image blocks, numbered from `first_block`: every

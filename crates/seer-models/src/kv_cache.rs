@@ -32,6 +32,9 @@ pub struct Attend<'a> {
 }
 
 pub struct KvCache {
+    /// Llama 3.2 Vision: the image states' keys and values and the mask decode steps
+    /// use, kept for the whole answer.
+    pub cross: Option<crate::llama::CrossContext>,
     layers: Vec<Buffers>,
     kv_heads: usize,
     head_dim: usize,
@@ -48,7 +51,7 @@ impl KvCache {
             KvType::F32 => Buffers::F32(Vec::new(), Vec::new()),
             KvType::F16 => Buffers::F16(Vec::new(), Vec::new()),
         };
-        KvCache { layers: (0..n_layers).map(|_| empty()).collect(), kv_heads, head_dim, capacity: 0, len: 0, position_offset: 0 }
+        KvCache { layers: (0..n_layers).map(|_| empty()).collect(), kv_heads, head_dim, capacity: 0, len: 0, position_offset: 0, cross: None }
     }
 
     /// Positions already stored.
@@ -140,6 +143,7 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
         self.position_offset = 0;
+        self.cross = None;
     }
 }
 

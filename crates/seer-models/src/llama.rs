@@ -558,6 +558,13 @@ impl CrossMask {
     }
 }
 
+/// What a request's decode steps need to keep attending to its images.
+pub struct CrossContext {
+    pub states: CrossStates,
+    /// The last prompt row's view of the images, which every generated token shares.
+    pub decode: CrossMask,
+}
+
 /// A decoder layer: attending to the text, or (Llama 3.2 Vision) to the image.
 enum Layer {
     Decoder(Block),
@@ -725,7 +732,15 @@ impl Llama {
     /// Runs `embeds` (`[t, hidden]`) after what the cache holds and returns the logits of
     /// the last position, `[vocab]`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run(embeds, cache, Positions::From(cache.next_position()), &[])
+        // A request with images (Llama 3.2 Vision) keeps attending to them.
+        let Some(cross) = cache.cross.take() else {
+            return self.run(embeds, cache, Positions::From(cache.next_position()), &[]);
+        };
+        let t = embeds.dim(0)?;
+        let rows = CrossMask { bias: cross.decode.bias.broadcast_as((t, cross.decode.bias.dim(1)?))?.contiguous()?, rows: cross.decode.rows.broadcast_as(t)?.contiguous()? };
+        let out = self.run_with(embeds, cache, Positions::From(cache.next_position()), &[], Some((&cross.states, &rows)));
+        cache.cross = Some(cross);
+        out
     }
 
     /// [`Llama::forward`] where `blocks` (absolute positions) are runs whose rows see

@@ -242,3 +242,48 @@ fn padding_mask(tiles: usize, real: usize, tokens: usize, padded: usize) -> cand
     let values: Vec<f32> = (0..n * n).map(|k| if pad[k / n] && pad[k % n] { f32::MIN } else { 0.0 }).collect();
     Tensor::from_vec(values, (n, n), &Device::Cpu)
 }
+
+/// The whole model: the vision encoder, the projector to the decoder's width, and the
+/// decoder whose cross-attention layers read the projected image states.
+pub struct Mllama {
+    pub vision: MllamaVision,
+    projector: Linear,
+    pub language_model: crate::llama::Llama,
+    pub image_token_id: u32,
+}
+
+const TEXT_PREFIXES: [&str; 2] = ["language_model.model", "model.language_model"];
+const LM_HEAD_PREFIXES: [&str; 3] = ["language_model", "", "model"];
+const VISION_PREFIXES: [&str; 2] = ["vision_model", "model.vision_model"];
+const PROJECTOR_PREFIXES: [&str; 2] = ["multi_modal_projector", "model.multi_modal_projector"];
+
+impl Mllama {
+    pub fn load_hf(src: std::sync::Arc<crate::weights::SafetensorsSource>, config: &Value, isq: Option<candle_core::quantized::GgmlDType>, vision_bf16: bool) -> Result<Self> {
+        use crate::llava::find_prefix;
+        let empty = serde_json::json!({});
+        let vision_cfg = MllamaVisionConfig::from_hf(config.get("vision_config").unwrap_or(&empty))?;
+        let text_cfg = crate::llama::LlamaConfig::from_hf(config.get("text_config").unwrap_or(&empty), config)?;
+        if text_cfg.cross_attention_layers.is_empty() {
+            return Err(ModelError::Config("Llama 3.2 Vision's text_config names no cross_attention_layers".into()));
+        }
+        let text = find_prefix(&*src, &TEXT_PREFIXES, "embed_tokens.weight")?;
+        let lm_head = find_prefix(&*src, &LM_HEAD_PREFIXES, "lm_head.weight")?;
+        let vision = find_prefix(&*src, &VISION_PREFIXES, "class_embedding")?;
+        let projector = find_prefix(&*src, &PROJECTOR_PREFIXES, "weight")?;
+        let root = Vb::new(src);
+        let at = |p: &str| if p.is_empty() { root.clone() } else { root.pp(p) };
+        Ok(Mllama {
+            vision: MllamaVision::load(&at(vision).with_bf16(vision_bf16), &vision_cfg)?,
+            projector: at(projector).with_bf16(vision_bf16).linear(vision_cfg.output_dim(), text_cfg.hidden_size, true)?,
+            language_model: crate::llama::Llama::load(&at(text).with_isq(isq), &at(lm_head).with_isq(isq), &text_cfg)?,
+            image_token_id: config.get("image_token_index").and_then(Value::as_u64).unwrap_or(128256) as u32,
+        })
+    }
+
+    /// One image's cross-attention states, `[max_tiles · tile_tokens, hidden]`.
+    pub fn encode_image(&self, tiles: &Tensor, aspect_ratio_id: usize) -> Result<Tensor> {
+        let out = self.vision.encode(tiles, aspect_ratio_id)?;
+        let (t, n, d) = out.dims3()?;
+        Ok(self.projector.forward(&out.reshape((t * n, d))?)?)
+    }
+}

@@ -19,6 +19,7 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
         HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::LlavaNext => Model::LlavaNext(LlavaNext::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Gemma3 => Model::Gemma3(Gemma3::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::Mllama => Model::Mllama(Mllama::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, isq_type, bf16)?),
         HfFamily::Qwen2Vl => Model::Qwen2Vl(Qwen2Vl::load_hf(src, &config, isq_type, bf16)?),
     };
@@ -31,6 +32,7 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
         Model::Llava(m) => m.config.image_token_id,
         Model::LlavaNext(m) => m.llava.config.image_token_id,
         Model::Gemma3(m) => Some(m.config.image_token_id),
+        Model::Mllama(m) => Some(m.image_token_id),
         Model::Idefics3(m) => m.config.image_token_id,
         Model::Qwen2Vl(m) => Some(m.config.image_token_id),
     };
@@ -39,6 +41,7 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
         .ok_or_else(|| EngineError::Model(ModelError::Config("config.json names no image token".into())))?;
     let (preprocess, per_block) = match family {
         HfFamily::Llava => (Preprocess::Hf(hf_image_processor(dir)?), 1),
+        HfFamily::Mllama => (Preprocess::Mllama(read_image_processor(dir, seer_vision::mllama::MllamaProcessorConfig::from_json_value)?), 0),
         HfFamily::Gemma3 => {
             let Model::Gemma3(m) = &model else { unreachable!("the family decides the model") };
             (gemma3_processor(dir, m, &tokenizer)?, m.config.mm_tokens_per_image)
@@ -76,7 +79,7 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
         tokenizer,
         template,
         image_parts: ImageParts::Structured,
-        image_slot: ImageSlot::Token { id: image_token, per_block },
+        image_slot: if per_block == 0 { ImageSlot::CrossAttention(image_token) } else { ImageSlot::Token { id: image_token, per_block } },
         preprocess,
         name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         grammars: Default::default(),
@@ -111,6 +114,7 @@ fn available_memory() -> Option<u64> {
 #[derive(Clone, Copy)]
 enum HfFamily {
     Llava,
+    Mllama,
     LlavaNext,
     Gemma3,
     Idefics3,
@@ -129,6 +133,7 @@ fn hf_family(config: &Value) -> Result<HfFamily> {
         "LlavaForConditionalGeneration" | "llava" => Ok(HfFamily::Llava),
         "LlavaNextForConditionalGeneration" | "llava_next" => Ok(HfFamily::LlavaNext),
         "Gemma3ForConditionalGeneration" | "gemma3" => Ok(HfFamily::Gemma3),
+        "MllamaForConditionalGeneration" | "mllama" => Ok(HfFamily::Mllama),
         "Idefics3ForConditionalGeneration" | "idefics3" => Ok(HfFamily::Idefics3),
         "Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration" | "qwen2_vl" | "qwen2_5_vl" => Ok(HfFamily::Qwen2Vl),
         other => Err(ModelError::UnsupportedArchitecture { found: other.into(), supported: SUPPORTED.into() }.into()),

@@ -13,6 +13,7 @@ use seer_models::weights::SafetensorsSource;
 use seer_models::{KvCache, KvType, ModelError};
 use seer_models::idefics3::Idefics3;
 use seer_models::gemma3::Gemma3;
+use seer_models::mllama::Mllama;
 use seer_models::llava_next::LlavaNext;
 use seer_models::qwen2vl::{self, Qwen2Vl, RopeIndex};
 use seer_vision::llava_next::{Layout, LlavaNextProcessorConfig};
@@ -130,6 +131,7 @@ impl VisionDtype {
 /// The architectures behind one interface: what the request path needs of a model.
 pub enum Model {
     Llava(Llava),
+    Mllama(Mllama),
     Gemma3(Gemma3),
     LlavaNext(LlavaNext),
     Idefics3(Idefics3),
@@ -142,6 +144,7 @@ impl Model {
             Model::Llava(m) => &m.language_model,
             Model::LlavaNext(m) => &m.llava.language_model,
             Model::Gemma3(m) => &m.language_model,
+            Model::Mllama(m) => &m.language_model,
             Model::Idefics3(m) => &m.language_model,
             Model::Qwen2Vl(m) => &m.language_model,
         }
@@ -152,6 +155,7 @@ impl Model {
             Model::Llava(m) => &mut m.language_model,
             Model::LlavaNext(m) => &mut m.llava.language_model,
             Model::Gemma3(m) => &mut m.language_model,
+            Model::Mllama(m) => &mut m.language_model,
             Model::Idefics3(m) => &mut m.language_model,
             Model::Qwen2Vl(m) => &mut m.language_model,
         }
@@ -168,7 +172,7 @@ impl Model {
             Model::Llava(m) => Some(m.config.image_tokens()),
             Model::Idefics3(m) => Some(m.config.image_seq_len()),
             Model::Gemma3(m) => Some(m.config.mm_tokens_per_image),
-            Model::Qwen2Vl(_) | Model::LlavaNext(_) => None,
+            Model::Qwen2Vl(_) | Model::LlavaNext(_) | Model::Mllama(_) => None,
         }
     }
 
@@ -177,6 +181,18 @@ impl Model {
         let stacked = match self {
             Model::Llava(m) => m.encode_images(&images.pixels)?,
             Model::Gemma3(m) => m.encode_images(&images.pixels)?,
+            // Each image's cross-attention states.
+            Model::Mllama(m) => {
+                let mut at = 0;
+                return images
+                    .tiles
+                    .iter()
+                    .map(|&(n, id)| {
+                        at += n;
+                        m.encode_image(&images.pixels.narrow(0, at - n, n)?, id)
+                    })
+                    .collect();
+            }
             // Each image is its base tile and grid tiles, packed into one block.
             Model::LlavaNext(m) => {
                 let mut start = 0;
@@ -243,6 +259,8 @@ pub struct ImageBatch {
     pub grids: Vec<[usize; 3]>,
     /// LLaVA-NeXT: each image's tiles and the window of features kept.
     pub layouts: Vec<Layout>,
+    /// Llama 3.2 Vision: each image's real tiles and aspect-ratio id.
+    pub tiles: Vec<(usize, usize)>,
 }
 
 pub struct Vlm {

@@ -19,6 +19,8 @@ pub enum Preprocess {
     /// LLaVA-NeXT's base tile plus grid tiles (`LlavaNextImageProcessorPil`); `cells` is
     /// the model's feature cells per tile side, `base_tokens` the base tile's embeddings.
     LlavaNext { cfg: LlavaNextProcessorConfig, cells: usize, base_tokens: usize },
+    /// Llama 3.2 Vision's tiles (`MllamaImageProcessorPil`).
+    Mllama(seer_vision::mllama::MllamaProcessorConfig),
     /// What llama.cpp does for Gemma 3's projector: letterbox on black (bilinear), normalize.
     LlamaCppGemma3 { size: u32, mean: [f32; 3], std: [f32; 3] },
     /// Gemma 3: the whole image resized to the tower's size (`Gemma3ImageProcessorPil`),
@@ -37,7 +39,8 @@ impl Preprocess {
             | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. }
             | Preprocess::Qwen2Vl(_)
             | Preprocess::LlavaNext { .. }
-            | Preprocess::Gemma3 { .. } => {
+            | Preprocess::Gemma3 { .. }
+            | Preprocess::Mllama(_) => {
                 seer_vision::AlphaMode::OverWhite
             }
             Preprocess::Idefics3 { .. } => seer_vision::AlphaMode::Drop,
@@ -51,6 +54,7 @@ impl Preprocess {
         match self {
             Preprocess::Qwen2Vl(_) => unreachable!("Qwen2-VL images are cut into patches, not pixel blocks"),
             Preprocess::Hf(cfg) => vec![seer_vision::clip::preprocess_hf(img, cfg)],
+            Preprocess::Mllama(cfg) => seer_vision::mllama::preprocess(img, cfg).tiles,
             Preprocess::Gemma3 { cfg, pan_and_scan, .. } => {
                 let crops = pan_and_scan.map(|p| p.crops(img.width(), img.height())).unwrap_or_default();
                 let crops = crops.into_iter().map(|(x, y, w, h)| image::imageops::crop_imm(img, x, y, w, h).to_image());
@@ -116,6 +120,9 @@ impl Preprocess {
 
 /// How the rendered prompt says "an image goes here".
 pub enum ImageSlot {
+    /// The image token stays in the text, and the decoder cross-attends to the image
+    /// (Llama 3.2 Vision): images take no positions in the sequence.
+    CrossAttention(u32),
     /// The (expanded) text holds `per_block` of this token for each block of image
     /// features: once per image for LLaVA, one run per tile for Idefics3.
     Token { id: u32, per_block: usize },
