@@ -36,7 +36,7 @@ pub use gguf::LLAMACPP_QWEN2VL_IMAGE_TOKENS;
 pub use preprocess::{ImageSlot, Preprocess};
 
 /// The architectures seer can load, for error messages.
-pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5), LlavaNextForConditionalGeneration (LLaVA 1.6), Gemma3ForConditionalGeneration, Idefics3ForConditionalGeneration \
+pub const SUPPORTED: &str = "LlavaForConditionalGeneration (LLaVA 1.5), LlavaNextForConditionalGeneration (LLaVA 1.6), Gemma3ForConditionalGeneration, MllamaForConditionalGeneration (Llama 3.2 Vision), Idefics3ForConditionalGeneration \
                              (SmolVLM), Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration from a \
                              Hugging Face folder; a GGUF `gemma3` text model with a `gemma3` projector; a GGUF `llama` text model with an LLaVA `mlp` or SmolVLM `idefics3` \
                              projector (mmproj), or a `qwen2vl` text model with a `qwen2vl_merger` or \
