@@ -264,6 +264,18 @@ impl Vlm {
             }
             segments.push(Segment::Tokens(vec![bos]));
         }
+        if let ImageSlot::CrossAttention(image_id) = self.image_slot {
+            // Llama 3.2 Vision: one image token per image after BOS, so the whole text
+            // sees every image; the images take no positions themselves.
+            if ids.contains(&image_id) {
+                return Err(EngineError::BadRequest(format!("the prompt contains the image token `{}`; send images in `images`", self.image_marker())));
+            }
+            let run: Vec<u32> = std::iter::repeat_n(image_id, images.len()).chain(ids).collect();
+            if !run.is_empty() {
+                segments.push(Segment::Tokens(run));
+            }
+            return Ok(Prompt { text: text.to_string(), segments, block_tokens: Vec::new() });
+        }
         let separator = self.tokenizer.encode_plain("\n\n")?;
         let mut block = 0;
         for (i, expansion) in images.into_iter().enumerate() {

@@ -50,3 +50,25 @@ fn mllama_matches_transformers() {
         eprintln!("{name}: pixels {pixel_diff:.1e}, logits vs f64 {exact_diff:.1e}, 16 tokens equal");
     }
 }
+
+/// A prompt written in the model's own format (KoboldCpp's `prompt`, Ollama's `raw`): each
+/// image token goes right after BOS, so the whole text sees the image.
+#[test]
+fn raw_prompt_places_the_images_after_bos() {
+    let root = support::fixtures("mllama");
+    let vlm = Vlm::load(&root.join("tiny-mllama"), None).unwrap();
+    let prompt = vlm.build_raw_prompt("Describe it.", 1).unwrap();
+    let ids = vlm.expanded_ids(&prompt, 0);
+    assert_eq!(&ids[..2], &[768, 1024], "BOS, then the image token: {ids:?}");
+    let req = GenerateRequest {
+        messages: vec![seer_engine::Message::user_with_images("", vec![seer_vision::ImageInput::Path(root.join("images/square-96x96.png"))])],
+        raw_prompt: Some("Describe it.".into()),
+        max_tokens: 4,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let gen = vlm.generate(&req, &ImageLimits::default(), &mut |_| true).unwrap();
+    assert_eq!(gen.token_ids.len(), 4);
+    let err = vlm.build_raw_prompt("<|image|>Describe it.", 1).unwrap_err();
+    assert!(err.to_string().contains("image token"), "{err}");
+}
