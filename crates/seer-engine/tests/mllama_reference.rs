@@ -7,7 +7,6 @@
 
 mod support;
 
-use seer_engine::generate::Timings;
 use seer_engine::{GenerateRequest, Vlm};
 use seer_vision::ImageLimits;
 use support::{max_abs_diff, read_f32};
@@ -37,16 +36,7 @@ fn mllama_matches_transformers() {
         let pixel_diff = max_abs_diff(&pixels, &want);
         assert!(pixel_diff < 1e-5, "{name}: pixels differ by {pixel_diff}");
 
-        let mut cache = vlm.model.new_cache();
-        let logits = vlm.prefill(&prompt, Some(&batch), &mut cache, &mut Timings::default()).unwrap().to_vec1::<f32>().unwrap();
-        let exact_diff = max_abs_diff(&logits, &file("logits_f64_file"));
-        assert!(exact_diff < 1e-4, "{name}: logits differ from float64 by {exact_diff}");
-
-        let req = GenerateRequest { messages: msgs, max_tokens: 16, ignore_eos: true, ..Default::default() };
-        let gen = vlm.generate(&req, &limits, &mut |_| true).unwrap();
-        let want_tokens: Vec<u32> = serde_json::from_value(case["greedy_tokens"].clone()).unwrap();
-        assert_eq!(gen.token_ids, want_tokens, "{name}: greedy tokens");
-        assert_eq!(gen.usage.prompt_tokens, want_ids.len(), "{name}: prompt tokens");
+        let exact_diff = support::check_logits_and_greedy(&vlm, &name, &case, &root.join("cases"), &prompt, &batch, msgs, want_ids.len());
         eprintln!("{name}: pixels {pixel_diff:.1e}, logits vs f64 {exact_diff:.1e}, 16 tokens equal");
     }
 }
