@@ -283,31 +283,8 @@ def make_images():
     d.rectangle([0, 76, 44, 81], fill=(250, 250, 250))
     im.save(FIX / IMAGES["square"], optimize=False)
 
-    # very wide 300x40: colour waves, a white bar with dark marks, a green triangle, a red disc at the right
-    h, w = 40, 300
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    a = np.stack([127 + 120 * np.sin(x / 17.0), 127 + 120 * np.sin(x / 29.0 + 2), 50 + y * 4], -1)
-    a += rng.normal(0, 10, (h, w, 3))
-    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    d.rectangle([10, 26, 200, 36], fill=(245, 245, 240))
-    for i in range(15):
-        d.rectangle([16 + i * 12, 28, 21 + i * 12, 34], fill=(10, 10, 10))
-    d.polygon([(60, 2), (78, 22), (42, 22)], fill=(30, 160, 60))
-    d.ellipse([250, 6, 280, 34], fill=(220, 30, 40))
-    im.save(FIX / IMAGES["very_wide"], optimize=False)
-
-    # very tall 40x300: vertical gradient, a yellow circle at the top, a blue rectangle, a red bar, a dark square
-    h, w = 300, 40
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    a = np.stack([30 + y * 0.7, 220 - y * 0.6, 100 + x * 3], -1) + rng.normal(0, 8, (h, w, 3))
-    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    d.ellipse([6, 6, 34, 34], fill=(250, 220, 20))
-    d.rectangle([6, 70, 34, 150], fill=(30, 60, 200))
-    d.rectangle([2, 190, 38, 202], fill=(200, 30, 30))
-    d.rectangle([10, 250, 30, 290], fill=(20, 20, 60))
-    im.save(FIX / IMAGES["very_tall"], optimize=False)
+    fc.draw_very_wide(rng, FIX / IMAGES["very_wide"])
+    fc.draw_very_tall(rng, FIX / IMAGES["very_tall"])
 
     # wide 120x60: horizontal stripes of colour, a white circle, a black diagonal line
     h, w = 60, 120
