@@ -430,11 +430,19 @@ impl Vlm {
         if let Preprocess::Qwen2Vl(cfg) = &self.preprocess {
             return qwen2vl_batch(&images, cfg);
         }
-        let tiles = match &self.preprocess {
-            Preprocess::Mllama(cfg) => images.iter().map(|(_, img)| seer_vision::mllama::preprocess(img, cfg)).map(|p| (p.tiles.len(), p.aspect_ratio_id)).collect(),
-            _ => Vec::new(),
-        };
-        let pixels: Vec<_> = images.iter().map(|(_, img)| self.preprocess.apply(img)).collect();
+        // Llama 3.2 Vision: each image's tile count and aspect-ratio id, from the same pass.
+        let mut tiles = Vec::new();
+        let pixels: Vec<_> = images
+            .iter()
+            .map(|(_, img)| match &self.preprocess {
+                Preprocess::Mllama(cfg) => {
+                    let p = seer_vision::mllama::preprocess(img, cfg);
+                    tiles.push((p.tiles.len(), p.aspect_ratio_id));
+                    p.tiles
+                }
+                other => other.apply(img),
+            })
+            .collect();
         let layouts = match &self.preprocess {
             Preprocess::LlavaNext { cfg, cells, .. } => images.iter().map(|(_, img)| cfg.layout(img.width(), img.height(), *cells)).collect(),
             _ => Vec::new(),
@@ -507,13 +515,7 @@ impl Vlm {
     /// cache keeps for the decode steps; the text sees each image from its image token on.
     fn prefill_cross(&self, m: &seer_models::mllama::Mllama, prompt: &Prompt, batch: &ImageBatch, cache: &mut seer_models::KvCache, timings: &mut Timings) -> Result<Tensor> {
         let start = Instant::now();
-        let mut states = Vec::new();
-        let mut at = 0;
-        for &(n, id) in &batch.tiles {
-            states.push(m.encode_image(&batch.pixels.narrow(0, at, n)?, id)?);
-            at += n;
-        }
-        let states = Tensor::cat(&states, 0)?;
+        let states = Tensor::cat(&self.model.encode_images(batch)?, 0)?;
         timings.image_encode_ms = ms(start);
         let start = Instant::now();
         let ids: Vec<u32> = prompt.segments.iter().flat_map(|s| if let Segment::Tokens(t) = s { t.clone() } else { Vec::new() }).collect();

@@ -523,7 +523,7 @@ impl CrossBlock {
         let y = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&kv.1)?.transpose(0, 1)?.reshape((b, t, heads * d))?;
         let x = (x + (self.o_proj.forward(&y)? * self.attn_gate)?)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        let h = h.broadcast_mul(&mask.rows.reshape((1, t, 1))?)?;
+        let h = h.broadcast_mul(&mask.rows.reshape((1, (), 1))?)?;
         x + (h * self.mlp_gate)?
     }
 }
@@ -736,9 +736,8 @@ impl Llama {
         let Some(cross) = cache.cross.take() else {
             return self.run(embeds, cache, Positions::From(cache.next_position()), &[]);
         };
-        let t = embeds.dim(0)?;
-        let rows = CrossMask { bias: cross.decode.bias.broadcast_as((t, cross.decode.bias.dim(1)?))?.contiguous()?, rows: cross.decode.rows.broadcast_as(t)?.contiguous()? };
-        let out = self.run_with(embeds, cache, Positions::From(cache.next_position()), &[], Some((&cross.states, &rows)));
+        // The one decode row broadcasts over however many rows come.
+        let out = self.run_with(embeds, cache, Positions::From(cache.next_position()), &[], Some((&cross.states, &cross.decode)));
         cache.cross = Some(cross);
         out
     }
