@@ -122,23 +122,29 @@ impl PackedBf16 {
 /// produce them. One task per head; the scores are a `t × t` f32 matrix per task, with the
 /// softmax in f32; the shape is `[t, heads, d]`. Panics unless [`PackedBf16::available`].
 pub fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], [t, heads, d]: [usize; 3], scale: f32, out: &mut [f32]) {
+    cross_attention_bf16(q, k, v, [t, t, heads, d], scale, out)
+}
+
+/// [`attention_bf16`] with `tq` query rows over `tk` other keys and values: `q` and `out`
+/// are `[tq, heads, d]`, `k` and `v` `[tk, heads, d]`.
+pub fn cross_attention_bf16(q: &[f32], k: &[f32], v: &[f32], [tq, tk, heads, d]: [usize; 4], scale: f32, out: &mut [f32]) {
     assert!(PackedBf16::available(), "bf16 attention: this CPU lacks AVX512-BF16");
-    let len = t * heads * d;
-    assert!(q.len() >= len && k.len() >= len && v.len() >= len && out.len() >= len, "bf16 attention: [{t}, {heads}, {d}] inputs");
+    let (qlen, klen) = (tq * heads * d, tk * heads * d);
+    assert!(q.len() >= qlen && k.len() >= klen && v.len() >= klen && out.len() >= qlen, "bf16 attention: [{tq}/{tk}, {heads}, {d}] inputs");
     let at = |x: &[f32], i: usize, h: usize, c: usize| x[(i * heads + h) * d + c];
     let out = OutPtr(out.as_mut_ptr());
     let task = |hs: Range<usize>| {
         let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
-        let mut qh = vec![0f32; t * d];
-        let mut scores = vec![0f32; t * t];
-        let mut y = vec![0f32; t * d];
+        let mut qh = vec![0f32; tq * d];
+        let mut scores = vec![0f32; tq * tk];
+        let mut y = vec![0f32; tq * d];
         for h in hs {
             for (i, row) in qh.chunks_exact_mut(d).enumerate() {
                 row.iter_mut().enumerate().for_each(|(c, o)| *o = at(q, i, h, c) * scale);
             }
-            PackedBf16::pack_with(t, d, |j, c| at(k, j, h, c)).matmul_on(&qh, t, &mut scores, false);
-            scores.chunks_exact_mut(t).for_each(crate::attention::softmax_in_place);
-            PackedBf16::pack_with(d, t, |c, j| at(v, j, h, c)).matmul_on(&scores, t, &mut y, false);
+            PackedBf16::pack_with(tk, d, |j, c| at(k, j, h, c)).matmul_on(&qh, tq, &mut scores, false);
+            scores.chunks_exact_mut(tk).for_each(crate::attention::softmax_in_place);
+            PackedBf16::pack_with(d, tk, |c, j| at(v, j, h, c)).matmul_on(&scores, tq, &mut y, false);
             for (i, row) in y.chunks_exact(d).enumerate() {
                 // SAFETY: head h's columns of every row are written by this task only.
                 unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), base.0.add((i * heads + h) * d), d) };
@@ -231,25 +237,31 @@ mod tests {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return;
         }
-        let (t, heads, d) = (37, 3, 24);
-        let mut seed = 11u64;
-        let mut rnd = |n: usize| uniform(n, &mut seed);
-        let (q, k, v) = (rnd(t * heads * d), rnd(t * heads * d), rnd(t * heads * d));
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![f32::NAN; t * heads * d];
-        attention_bf16(&q, &k, &v, [t, heads, d], scale, &mut out);
-        let at = |x: &[f32], i: usize, h: usize, c: usize| x[(i * heads + h) * d + c] as f64;
-        for h in 0..heads {
-            for i in 0..t {
-                let s: Vec<f64> = (0..t).map(|j| (0..d).map(|c| at(&q, i, h, c) * at(&k, j, h, c)).sum::<f64>() * scale as f64).collect();
-                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                for c in 0..d {
-                    let want = (0..t).map(|j| e[j] * at(&v, j, h, c)).sum::<f64>() / sum;
-                    let got = out[(i * heads + h) * d + c] as f64;
-                    // Inputs and probabilities rounded to 8 significant bits.
-                    assert!((want - got).abs() < 2e-2, "({i},{h},{c}): {got} vs {want}");
+        // Square (self-attention) and rectangular (fewer or more queries than keys), ragged.
+        for (tq, tk, heads, d) in [(37, 37, 3, 24), (5, 41, 3, 24), (19, 7, 2, 40)] {
+            let mut seed = 11u64 + tq as u64;
+            let mut rnd = |n: usize| uniform(n, &mut seed);
+            let (q, k, v) = (rnd(tq * heads * d), rnd(tk * heads * d), rnd(tk * heads * d));
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut out = vec![f32::NAN; tq * heads * d];
+            if tq == tk {
+                attention_bf16(&q, &k, &v, [tq, heads, d], scale, &mut out);
+            } else {
+                cross_attention_bf16(&q, &k, &v, [tq, tk, heads, d], scale, &mut out);
+            }
+            let at = |x: &[f32], i: usize, h: usize, c: usize| x[(i * heads + h) * d + c] as f64;
+            for h in 0..heads {
+                for i in 0..tq {
+                    let s: Vec<f64> = (0..tk).map(|j| (0..d).map(|c| at(&q, i, h, c) * at(&k, j, h, c)).sum::<f64>() * scale as f64).collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want = (0..tk).map(|j| e[j] * at(&v, j, h, c)).sum::<f64>() / sum;
+                        let got = out[(i * heads + h) * d + c] as f64;
+                        // Inputs and probabilities rounded to 8 significant bits.
+                        assert!((want - got).abs() < 2e-2, "[{tq}/{tk}] ({i},{h},{c}): {got} vs {want}");
+                    }
                 }
             }
         }

@@ -67,7 +67,12 @@ impl Embedding {
             )));
         }
         Ok(match vb.load_stored("weight")? {
-            Stored::Dense(t) => Embedding::Dense(t),
+            // Under ISQ the table is quantized as the matrices are: for Llama 3's 128k
+            // vocabulary the f32 table alone would be 2 GiB.
+            Stored::Dense(t) => match vb.isq_matrix(&t)? {
+                Some(m) => Embedding::Ggml(Arc::new(m)),
+                None => Embedding::Dense(t),
+            },
             Stored::Ggml(q) => Embedding::Ggml(Arc::new(q)),
             Stored::Quantized(q) => Embedding::Quantized(Arc::new(q)),
         })

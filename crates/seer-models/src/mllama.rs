@@ -3,7 +3,7 @@
 //! chosen layers' outputs are kept, a gated global encoder) and the projector that makes
 //! the decoder's cross-attention states. The cross-attention decoder is still to come.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use candle_nn::ops::softmax_last_dim;
 use serde_json::Value;
 
@@ -105,15 +105,19 @@ impl EncoderLayer {
         })
     }
 
-    /// `x` is `[seq, hidden]`; `mask` `[seq, seq]` is added to the scores.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (seq, hidden) = x.dims2()?;
-        let d = hidden / self.heads;
+    /// `x` is `[seq, hidden]` with the `real` positions first and the padding after them:
+    /// real positions attend to every position, padding only to the real ones (transformers
+    /// masks padding-to-padding).
+    fn forward(&self, x: &Tensor, real: usize) -> candle_core::Result<Tensor> {
+        let seq = x.dim(0)?;
         let h = self.input_layernorm.forward(x)?;
-        let split = |y: Tensor| y.reshape((seq, self.heads, d))?.transpose(0, 1)?.contiguous();
-        let (q, k, v) = (split(self.q_proj.forward(&h)?)?, split(self.k_proj.forward(&h)?)?, split(self.v_proj.forward(&h)?)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
-        let y = softmax_last_dim(&scores)?.matmul(&v)?.transpose(0, 1)?.reshape((seq, hidden))?;
+        let (q, k, v) = (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?);
+        let bf16 = self.q_proj.is_bf16();
+        let mut y = attend(&q.narrow(0, 0, real)?, &k, &v, self.heads, bf16)?;
+        if seq > real {
+            let pad = attend(&q.narrow(0, real, seq - real)?, &k.narrow(0, 0, real)?, &v.narrow(0, 0, real)?, self.heads, bf16)?;
+            y = Tensor::cat(&[&y, &pad], 0)?;
+        }
         let mut attn = self.o_proj.forward(&y)?;
         if let Some((g, _)) = self.gates {
             attn = (attn * g)?;
@@ -125,6 +129,24 @@ impl EncoderLayer {
         }
         x + mlp
     }
+}
+
+/// `softmax(q·kᵀ/√d)·v` per head, `q` `[tq, hidden]` over `k`, `v` `[tk, hidden]`, with no
+/// mask: bf16 products in one fused kernel (no `tq × tk` matrix for all heads at once:
+/// 4 tiles of 1608 positions would make it 2.6 GB), or candle's f32 products.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, bf16: bool) -> candle_core::Result<Tensor> {
+    let ((tq, hidden), tk) = (q.dims2()?, k.dim(0)?);
+    let d = hidden / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    if bf16 {
+        let rows = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();
+        let mut y = vec![0f32; tq * hidden];
+        seer_kernels::cross_attention_bf16(&rows(q)?, &rows(k)?, &rows(v)?, [tq, tk, heads, d], scale as f32, &mut y);
+        return Tensor::from_vec(y, (tq, hidden), q.device());
+    }
+    let split = |y: &Tensor, n: usize| y.reshape((n, heads, d))?.transpose(0, 1)?.contiguous();
+    let scores = (split(q, tq)?.matmul(&split(k, tk)?.t()?)? * scale)?;
+    softmax_last_dim(&scores)?.matmul(&split(v, tk)?)?.transpose(0, 1)?.reshape((tq, hidden))
 }
 
 /// An embedding per aspect-ratio id, one vector per tile (`pre_`/`post_tile_positional_embedding`), gated.
@@ -208,39 +230,51 @@ impl MllamaVision {
         let x = x.broadcast_add(&(&self.position * (1.0 - self.position_gate))?.unsqueeze(0)?)?;
         let tile_pos = (self.tile_position.get(aspect_ratio_id)?.reshape((t, n, h))? * self.position_gate)?;
         let x = self.layernorm_pre.forward(&(x + tile_pos)?)?;
-        // Each tile padded to a multiple of 8 positions.
+        // Each tile padded to a multiple of 8 positions; the encoder sees the real positions
+        // first and the padding after them (`order`), and gives them back in tile order.
         let padded = n.next_multiple_of(8);
         let x = Tensor::cat(&[&x, &Tensor::zeros((t, padded - n, h), x.dtype(), x.device())?], 1)?.reshape((t * padded, h))?;
-        let mask = padding_mask(t, real, n, padded)?;
-        let mut x = x;
+        let (order, real_rows) = real_first(t, real, n, padded);
+        let inverse = inverse_permutation(&order);
+        let (order, inverse) = (Tensor::new(order.as_slice(), x.device())?, Tensor::new(inverse.as_slice(), x.device())?);
+        let mut x = x.index_select(&order, 0)?;
         let mut kept = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, real_rows)?;
             if c.intermediate_layers.contains(&i) {
                 kept.push((i, x.clone()));
             }
         }
-        let x = self.layernorm_post.forward(&x)?.reshape((t, padded, h))?;
-        let mut x = self.post_tile.add(&x, aspect_ratio_id)?.reshape((t * padded, h))?;
+        let x = self.layernorm_post.forward(&x.index_select(&inverse, 0)?)?.reshape((t, padded, h))?;
+        let mut x = self.post_tile.add(&x, aspect_ratio_id)?.reshape((t * padded, h))?.index_select(&order, 0)?;
         for layer in &self.global_layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, real_rows)?;
         }
         // Kept layers in the config's order, interleaved channel by channel.
         let kept: Vec<Tensor> = c.intermediate_layers.iter().map(|i| kept.iter().find(|(j, _)| j == i).map(|(_, t)| t.clone())).collect::<Option<_>>().ok_or_else(|| ModelError::Config("an intermediate layer was not run".into()))?;
-        let inter = Tensor::stack(&kept, D::Minus1)?.reshape((t, padded, h * kept.len()))?;
-        let out = Tensor::cat(&[&x.reshape((t, padded, h))?, &inter], D::Minus1)?;
+        let inter = Tensor::stack(&kept, D::Minus1)?.index_select(&inverse, 0)?.reshape((t, padded, h * kept.len()))?;
+        let out = Tensor::cat(&[&x.index_select(&inverse, 0)?.reshape((t, padded, h))?, &inter], D::Minus1)?;
         Ok(out.narrow(1, 0, n)?)
     }
 }
 
-/// The vision encoder's additive mask over `tiles × padded` positions: a large negative
-/// number where both the query and the key are padding (a padding tile, or a position
-/// past `tokens` in a tile), 0 elsewhere.
-fn padding_mask(tiles: usize, real: usize, tokens: usize, padded: usize) -> candle_core::Result<Tensor> {
-    let pad: Vec<bool> = (0..tiles * padded).map(|p| p / padded >= real || p % padded >= tokens).collect();
-    let n = pad.len();
-    let values: Vec<f32> = (0..n * n).map(|k| if pad[k / n] && pad[k % n] { f32::MIN } else { 0.0 }).collect();
-    Tensor::from_vec(values, (n, n), &Device::Cpu)
+/// Positions of `tiles × padded` with the real ones (the first `tokens` of each of the
+/// first `real` tiles) first, then the padding; and how many are real.
+fn real_first(tiles: usize, real: usize, tokens: usize, padded: usize) -> (Vec<u32>, usize) {
+    let is_real = |p: usize| p / padded < real && p % padded < tokens;
+    let all = 0..(tiles * padded) as u32;
+    let mut order: Vec<u32> = all.clone().filter(|&p| is_real(p as usize)).collect();
+    let n_real = order.len();
+    order.extend(all.filter(|&p| !is_real(p as usize)));
+    (order, n_real)
+}
+
+fn inverse_permutation(order: &[u32]) -> Vec<u32> {
+    let mut inverse = vec![0u32; order.len()];
+    for (i, &p) in order.iter().enumerate() {
+        inverse[p as usize] = i as u32;
+    }
+    inverse
 }
 
 /// The whole model: the vision encoder, the projector to the decoder's width, and the

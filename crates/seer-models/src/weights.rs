@@ -5,12 +5,14 @@
 //! as they are, GGUF files through a name map to llama.cpp's names. Whether a weight is
 //! dense or quantized is decided here too, so model code never branches on the format.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+
+use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
@@ -134,8 +136,8 @@ impl Vb {
             )));
         }
         let weight = match self.src.load(&name)? {
-            Stored::Dense(t) => match isq_type(self.isq, in_dim) {
-                Some(dtype) => LinearWeight::quantized(QTensor::quantize(&t, dtype)?)?,
+            Stored::Dense(t) => match self.isq_matrix(&t)? {
+                Some(m) => LinearWeight::Ggml(Arc::new(m)),
                 None if self.bf16 => {
                     let w = t.flatten_all()?.to_vec1::<f32>()?;
                     LinearWeight::Bf16(Arc::new(PackedBf16::pack(&w, out_dim, in_dim)))
@@ -147,6 +149,30 @@ impl Vb {
         };
         let bias = if bias { Some(self.tensor_shaped("bias", &[out_dim])?) } else { None };
         Ok(Linear::new(weight, bias))
+    }
+
+    /// A dense `[rows, cols]` matrix quantized to this view's ISQ type, when it has one and
+    /// the rows split into its blocks. All cores take a share of the rows.
+    pub fn isq_matrix(&self, t: &Tensor) -> Result<Option<QuantMatrix>> {
+        let (rows, cols) = t.dims2()?;
+        let Some(dtype) = isq_type(self.isq, cols) else { return Ok(None) };
+        let qt = quant_type(dtype).ok_or_else(|| ModelError::Config(format!("no kernel for ISQ type {dtype:?}")))?;
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(ModelError::Config("in-situ quantization runs on the CPU".into()));
+        };
+        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * cols];
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows).max(1);
+        let per = rows.div_ceil(threads) * cols;
+        let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let runs: Vec<_> = xs.chunks(per).map(|run| s.spawn(move || quantize_blocks(dtype, run))).collect();
+            runs.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+        });
+        let bytes = parts.concat();
+        QuantMatrix::owned(qt, rows, cols, bytes)
+            .map(Some)
+            .ok_or_else(|| ModelError::Config(format!("quantizing a [{rows}, {cols}] matrix to {dtype:?} failed")))
     }
 
     /// A weight with an optional bias: present in some checkpoints, absent in others.
@@ -163,26 +189,115 @@ fn isq_type(isq: Option<GgmlDType>, in_dim: usize) -> Option<GgmlDType> {
     [wanted, GgmlDType::Q8_0].into_iter().find(|t| in_dim.is_multiple_of(t.block_size()))
 }
 
-/// One or several `.safetensors` files, memory-mapped.
+/// `xs` (whole blocks) in a ggml block type, as the bytes GGUF would store.
+fn quantize_blocks(dtype: GgmlDType, xs: &[f32]) -> Vec<u8> {
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType};
+    fn blocks<B: GgmlType>(xs: &[f32]) -> Vec<u8> {
+        let mut ys = vec![B::zeros(); xs.len() / B::BLCK_SIZE];
+        B::from_float(xs, &mut ys);
+        // SAFETY: ggml blocks are plain `repr(C)` structs of integers and f16s.
+        unsafe { std::slice::from_raw_parts(ys.as_ptr().cast::<u8>(), std::mem::size_of_val(ys.as_slice())) }.to_vec()
+    }
+    match dtype {
+        GgmlDType::Q4_0 => blocks::<BlockQ4_0>(xs),
+        GgmlDType::Q8_0 => blocks::<BlockQ8_0>(xs),
+        GgmlDType::Q4K => blocks::<BlockQ4K>(xs),
+        GgmlDType::Q5K => blocks::<BlockQ5K>(xs),
+        GgmlDType::Q6K => blocks::<BlockQ6K>(xs),
+        // isq_type only picks types seer's kernels have; an empty result fails the size check
+        _ => Vec::new(),
+    }
+}
+
+/// One or several `.safetensors` files, memory-mapped. Every tensor is copied out (to f32,
+/// bf16 or quantized) as it loads, and its pages are then handed back to the kernel, so an
+/// 11B checkpoint quantized at load never sits in the process's memory as a whole.
 pub struct SafetensorsSource {
     files: Vec<PathBuf>,
-    st: MmapedSafetensors,
+    maps: Vec<Mmap>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+struct TensorEntry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte range within the file's map.
+    start: usize,
+    end: usize,
 }
 
 impl SafetensorsSource {
     pub fn open(files: &[PathBuf]) -> Result<Self> {
-        for f in files {
-            check_safetensors_header(f)?;
+        let mut maps = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            check_safetensors_header(path)?;
+            let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+            // SAFETY: mapped read-only; like every mmap-based loader we assume the file is
+            // not modified while seer runs.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| ModelError::Format {
+                path: path.clone(),
+                format: "safetensors",
+                detail: e.to_string(),
+            })?;
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                let entry = TensorEntry { file: i, dtype: info.dtype, shape: info.shape.clone(), start: 8 + header_len + start, end: 8 + header_len + end };
+                tensors.entry(name).or_insert(entry);
+            }
+            maps.push(map);
         }
-        // SAFETY: the files are memory-mapped read-only; like every mmap-based loader we
-        // assume they are not modified while seer runs.
-        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| ModelError::Format {
-            path: files.first().cloned().unwrap_or_default(),
-            format: "safetensors",
-            detail: e.to_string(),
-        })?;
-        Ok(SafetensorsSource { files: files.to_vec(), st })
+        Ok(SafetensorsSource { files: files.to_vec(), maps, tensors })
     }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors.get(name).ok_or_else(|| self.missing(name))
+    }
+
+    /// The tensor as f32, and its pages dropped from this process's memory (they stay in
+    /// the page cache; touching them again reads them back).
+    fn load_f32(&self, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let map = &self.maps[e.file];
+        let bytes = &map[e.start..e.end];
+        let t = match e.dtype {
+            safetensors::Dtype::BF16 => Tensor::from_vec(widen(bytes, |b| half::bf16::from_bits(b).to_f32()), e.shape.as_slice(), &Device::Cpu)?,
+            safetensors::Dtype::F16 => Tensor::from_vec(widen(bytes, |b| half::f16::from_bits(b).to_f32()), e.shape.as_slice(), &Device::Cpu)?,
+            dtype => {
+                let dtype = candle_dtype(dtype).ok_or_else(|| ModelError::Format {
+                    path: self.files[e.file].clone(),
+                    format: "safetensors",
+                    detail: format!("tensor `{name}` has type {dtype:?}, which seer does not read"),
+                })?;
+                Tensor::from_raw_buffer(bytes, dtype, &e.shape, &Device::Cpu)?.to_dtype(DType::F32)?
+            }
+        };
+        // SAFETY: the map is read-only and file-backed, and nothing borrows these bytes any
+        // more: DONTNEED only drops the pages, a later read faults them in from the file.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        Ok(t)
+    }
+}
+
+/// 16-bit floats (little-endian bytes) to f32.
+fn widen(bytes: &[u8], f: impl Fn(u16) -> f32) -> Vec<f32> {
+    bytes.chunks_exact(2).map(|b| f(u16::from_le_bytes([b[0], b[1]]))).collect()
+}
+
+fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match dtype {
+        S::F32 => DType::F32,
+        S::F64 => DType::F64,
+        S::BF16 => DType::BF16,
+        S::F16 => DType::F16,
+        S::U8 => DType::U8,
+        S::U32 => DType::U32,
+        S::I64 => DType::I64,
+        _ => return None,
+    })
 }
 
 /// Reads the header length and checks the data it describes is all there, so a truncated
@@ -238,27 +353,22 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
+        self.tensors.contains_key(name)
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let view = self.st.get(name).map_err(|_| self.missing(name))?;
-        Ok(view.shape().to_vec())
+        Ok(self.entry(name)?.shape.clone())
     }
 
     fn load(&self, name: &str) -> Result<Stored> {
-        if !self.contains(name) {
-            return Err(self.missing(name));
-        }
-        let t = self.st.load(name, &Device::Cpu)?;
-        Ok(Stored::Dense(t.to_dtype(DType::F32)?))
+        Ok(Stored::Dense(self.load_f32(name)?))
     }
 }
 
 impl SafetensorsSource {
     /// Bytes the weights take once upcast to f32, as seer holds dense weights today.
     pub fn f32_bytes(&self) -> u64 {
-        self.st.tensors().iter().map(|(_, v)| v.shape().iter().product::<usize>() as u64 * 4).sum()
+        self.tensors.values().map(|e| e.shape.iter().product::<usize>() as u64 * 4).sum()
     }
 
     fn missing(&self, name: &str) -> ModelError {
