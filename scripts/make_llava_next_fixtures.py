@@ -41,7 +41,8 @@ llama-mtmd-cli, llama-tokenize, libmtmd.so; tests/fixtures/llava/images must exi
     ~/.cache/seer-bench/venv/bin/python scripts/make_llava_next_fixtures.py                  # all steps
     ~/.cache/seer-bench/venv/bin/python scripts/make_llava_next_fixtures.py --steps gguf,llamacpp,readme
 
-Steps: images, hf, cases, gguf (conversion), llamacpp (llama-mtmd-cli references), readme.  `--seed-search 1,2,...`
+Steps: images, hf, cases, gguf (conversion), llamacpp (llama-mtmd-cli references), llamacpp-next (llama-mtmd-cli
+with LLaVA-1.6's packing patched back in, built in $BENCH_DIR/build-fixed, and transformers on its prompts), readme.  `--seed-search 1,2,...`
 prints the smallest greedy margin of each seed (how SEED was chosen; writes nothing).  Environment: see
 scripts/fixture_common.py (BENCH_DIR, LLAMA_CPP_DIR: the llama.cpp source, for its vocabulary GGUF and converters;
 SEER_SHARED_BENCH: convert_with_vocab.py, legacy_llava_mmproj.py).
@@ -690,9 +691,10 @@ def llamacpp_decode(path):
     return Image.fromarray(a)
 
 
-def llamacpp_images_u8(path):
-    """(chunks as PIL images in prompt order: tiles row-major, then the overview; layout)."""
-    im = llamacpp_decode(path)
+def llamacpp_images_u8(path, decode=None):
+    """(chunks as PIL images in prompt order: tiles row-major, then the overview; layout).  decode: how the
+    file becomes RGB (llama.cpp's stb_image by default)."""
+    im = (decode or llamacpp_decode)(path)
     lay = llamacpp_layout(*im.size)
     # overview: image_pad_ov = PAD_NONE: the whole image resized to 56x56 (squashed), bicubic
     overview = resize_h_first(im, (TILE, TILE))
@@ -1025,6 +1027,132 @@ def make_llamacpp():
     return results
 
 
+# ============================================================================= patched llama.cpp (LLaVA-1.6 packing)
+NEXT_PATCH = GGUF_DIR / "llamacpp-llava-next.patch"
+LLAVA_FIXES_PATCH = FIX.parent / "llava" / "gguf" / "llamacpp-fixes.patch"
+FIXED_SRC = fc.BENCH_DIR / "src-fixed" / "llama.cpp"
+FIXED_BUILD = fc.BENCH_DIR / "build-fixed"
+NEXT_MARK = "clip_llava_next_encode"
+
+
+def build_next_llama_cpp():
+    """llama-mtmd-cli from a copy of the llama.cpp source with ../llava/gguf/llamacpp-fixes.patch (class token
+    first, every stored encoder layer run) and gguf/llamacpp-llava-next.patch (LLaVA-1.6 anyres for the legacy
+    "mlp" projector, through the Granite4-Vision preprocessor already in mtmd: overview first, the unpadded grid,
+    image_newline after each row) applied; built with setup.sh's cmake flags.  The same tree and build folder as
+    make_llava_fixtures.py's llamacpp-fixed step (the second patch changes nothing for a projector without
+    image_grid_pinpoints)."""
+    if not FIXED_SRC.exists():
+        FIXED_SRC.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(fc.llama_cpp_dir(), FIXED_SRC, symlinks=True)
+        subprocess.run(["patch", "-p1", "-d", str(FIXED_SRC), "-i", str(LLAVA_FIXES_PATCH)], check=True)
+    if NEXT_MARK not in (FIXED_SRC / "tools" / "mtmd" / "clip.cpp").read_text():
+        subprocess.run(["patch", "-p1", "-d", str(FIXED_SRC), "-i", str(NEXT_PATCH)], check=True)
+    if not (FIXED_BUILD / "CMakeCache.txt").exists():
+        subprocess.run(["cmake", "-S", str(FIXED_SRC), "-B", str(FIXED_BUILD), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                        "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}"], check=True)
+    subprocess.run(["cmake", "--build", str(FIXED_BUILD), "--config", "Release", "-j", os.environ.get("JOBS", "2"),
+                    "--target", "llama-mtmd-cli"], check=True)
+    return FIXED_BUILD / "bin" / "llama-mtmd-cli"
+
+
+def pil_decode(path):
+    return Image.open(FIX / path).convert("RGB")
+
+
+def next_pixels(path):
+    """[1 + tiles, 3, 56, 56]: the image as seer preprocesses it for this GGUF (Pillow-equal decoding, llama.cpp's
+    resizes: bicubic, horizontal pass first), in transformers' order (the base patch first, then the tiles)."""
+    px, lay = llamacpp_pixels_from(llamacpp_images_u8(path, decode=pil_decode))
+    return torch.cat([px[-1:], px[:-1]]), lay
+
+
+def llamacpp_pixels_from(chunks_lay):
+    chunks, lay = chunks_lay
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    out = [((np.asarray(c, dtype=np.uint8).astype(np.float32) / np.float32(255.0) - mean) / std).transpose(2, 0, 1)
+           for c in chunks]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out))), lay
+
+
+def make_llamacpp_next():
+    """llama-mtmd-cli with both patches on the single-turn cases, and transformers on the same prompt."""
+    torch.set_num_threads(1)
+    cli = build_next_llama_cpp()
+    proc, _ = load_processor(FIX / MODEL)
+    tok = proc.tokenizer
+    m32, m64 = load_models()
+    results = {}
+
+    def mtmd(args):
+        return subprocess.run([str(cli)] + [str(a) for a in args], cwd=FIX, capture_output=True)
+
+    for case in LLAMACPP_CASES:
+        prompt, paths, args = llamacpp_args(case)
+        p = fc.run_complete(mtmd, args)
+        stderr = p.stderr.decode("utf-8", errors="replace")
+        (formatted,), n_eval = fc.mtmd_log_info(stderr)
+        eog = fc.eog_ids_from_log(stderr)
+        gen = fc.mtmd_stdout_text(p.stdout, 1)
+        chunk_tokens = [int(n) for n in re.findall(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", stderr)]
+        hf_case = json.load(open(FIX / "cases" / f"{case}.json"))
+        counts = hf_case["num_image_tokens_per_image"]
+        ids = mtmd_prompt_ids(F16, formatted, [{"image_tokens": n} for n in counts])
+        assert n_eval == len(ids), (n_eval, len(ids))
+        # transformers: the same prompt ids, the pixels seer computes for the GGUF, its own packing
+        pxs = [next_pixels(pth)[0] for pth in paths]
+        most = max(x.shape[0] for x in pxs)
+        px = torch.stack([torch.cat([x, torch.zeros(most - x.shape[0], *x.shape[1:])]) for x in pxs])
+        sizes = torch.tensor([[Image.open(FIX / pth).height, Image.open(FIX / pth).width] for pth in paths])
+        hf_px = torch.from_numpy(np.fromfile(FIX / "cases" / f"{case}.pixels.f32", dtype="<f4").reshape(hf_case["pixel_values_shape"]))
+        kw = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+              "pixel_values": px, "image_sizes": sizes}
+        t32, mg32, first = fc.greedy(m32, kw, N_NEW_TOKENS, eog)
+        t64, mg64, first64 = fc.greedy(m64, dict(kw, pixel_values=px.double()), N_NEW_TOKENS, eog)
+        text = spm_piece_bytes(tok, t32)
+        agree = fc.agreeing(lambda i: spm_piece_bytes(tok, i), gen, t32)
+        rec = {
+            "llama_cpp": LLAMA_CPP_COMMIT + " + ../llava/gguf/llamacpp-fixes.patch + gguf/llamacpp-llava-next.patch",
+            "binary": "$BENCH_DIR/build-fixed/bin/llama-mtmd-cli", "case": case, "cwd": "tests/fixtures/llava_next",
+            "messages": CASES[case], "prompt_given": prompt, "images": paths, "command": ["llama-mtmd-cli"] + args,
+            "formatted_prompt": formatted,
+            "prompt_token_ids": ids,
+            "prompt_token_ids_note": "BOS, each text segment of formatted_prompt tokenized on its own (llama-tokenize), "
+                                     "each image as num_image_tokens_per_image positions (written as 32000); its length "
+                                     "equals the prompt token count the patched llama.cpp logs",
+            "n_prompt_tokens_logged": n_eval,
+            "num_image_tokens_per_image": counts,
+            "image_chunk_n_tokens_logged": chunk_tokens,
+            "generated_text": fc.text_of(gen),
+            "generated_bytes_hex": gen.hex(),
+            "pixels_file": f"llamacpp-next-F16-{case}.pixels.f32",
+            "pixels_shape": list(px.shape),
+            "pixels_note": "[images, most blocks, 3, 56, 56] float32, each image's base patch then its tiles (zero "
+                           "blocks pad an image with fewer): PIL decoding (as seer's), llama.cpp's resizes (horizontal "
+                           "pass first) and normalisation",
+            "pixels_max_abs_diff_vs_hf_processor": float((px - hf_px).abs().max()) if px.shape == hf_px.shape else None,
+            "hf_same_prompt_greedy_tokens": t32,
+            "hf_same_prompt_text": fc.text_of(text),
+            "hf_same_prompt_margins": mg32,
+            "hf_same_prompt_min_margin": min(mg32),
+            "hf_same_prompt_f64_tokens_equal": t64 == t32,
+            "hf_same_prompt_logits_f64_file": f"llamacpp-next-F16-{case}.logits_f64.f32",
+            "hf_same_prompt_note": "transformers (tiny-llava-next, float32; float64 for the logits file) on "
+                                   "prompt_token_ids with pixels_file and image_sizes, EOG masked",
+            "text_equal": text == gen,
+            "tokens_agreeing": agree,
+        }
+        write_f32(GGUF_DIR / rec["pixels_file"], px)
+        write_f32(GGUF_DIR / rec["hf_same_prompt_logits_f64_file"], first64.float())
+        dump_json(GGUF_DIR / f"llamacpp-next-F16-{case}.json", rec)
+        results[case] = {"text": fc.text_of(gen), "equal": text == gen, "agree": agree, "counts": counts,
+                         "chunks": chunk_tokens, "min_margin": min(mg32), "f64_equal": t64 == t32,
+                         "px_vs_hf": rec["pixels_max_abs_diff_vs_hf_processor"]}
+        log(f"patched llama.cpp {case}: {fc.text_of(gen)!r}; transformers same prompt equal {text == gen} ({agree}/16)")
+    return results
+
+
 # ============================================================================= README
 def readme_gguf_section():
     """README part for gguf/ (empty if the gguf step has not run)."""
@@ -1230,6 +1358,56 @@ CLS order, tanh gelu) and, for JPEGs and the tall images, a few pixel levels. Th
 resolution, resize sizes, padding, tile order within the grid, base image) is transformers'. To follow llama.cpp
 exactly, the Rust side needs steps 1-11 above; `*.pixels.f32`, `*.image_features.f32` and `prompt_token_ids` pin
 down each stage, `sampled_ids_inferred` the result.
+""" + readme_next_section()
+
+
+def readme_next_section():
+    """README part for the patched llama.cpp references (empty before step llamacpp-next)."""
+    if not all((GGUF_DIR / f"llamacpp-next-F16-{c}.json").exists() for c in LLAMACPP_CASES):
+        return ""
+    recs = {c: json.load(open(GGUF_DIR / f"llamacpp-next-F16-{c}.json")) for c in LLAMACPP_CASES}
+    rows = "\n".join(
+        f"| {c} | {r['num_image_tokens_per_image']} | {r['n_prompt_tokens_logged']} | "
+        f"{json.dumps(r['generated_text'], ensure_ascii=False)} | {r['text_equal']} ({r['tokens_agreeing']}/{N_NEW_TOKENS}) | "
+        f"{r['hf_same_prompt_min_margin']:.3g} | {r['hf_same_prompt_f64_tokens_equal']} | "
+        f"{r['pixels_max_abs_diff_vs_hf_processor']:.3g} |" for c, r in recs.items())
+    return f"""
+## Patched llama.cpp references (`gguf/llamacpp-next-F16-<case>.json`, `gguf/llamacpp-llava-next.patch`)
+
+What seer does with this GGUF pair is what the model was trained with (transformers' packing), not what llama.cpp
+0c1e57098 does (above). The evidence that seer reads the files right is therefore llama.cpp with the packing put
+back: step `llamacpp-next` applies `../llava/gguf/llamacpp-fixes.patch` (class token first, every stored encoder
+layer run: the LLaVA graph defects) and `gguf/llamacpp-llava-next.patch` (unified diff of `tools/mtmd/clip.cpp`,
+`clip.h`, `mtmd.cpp`; llama.cpp is MIT; `patch -p1` in the llama.cpp root) to `$BENCH_DIR/src-fixed/llama.cpp` and
+builds `llama-mtmd-cli` in `$BENCH_DIR/build-fixed` (the tree and folder of `../llava`'s `llamacpp-fixed` step;
+the second patch changes nothing for a projector without pinpoints). The patch:
+
+1. an `mlp` projector with `clip.vision.image_grid_pinpoints` and an image_newline tensor (the legacy converter
+   names it `model.image_newline`; clip.cpp looked only for `v.image_newline`) gets mtmd's existing LLaVA-NeXT
+   "anyres" preprocessor, the one Granite 4 Vision uses (`mtmd_image_preprocessor_granite`: overview first, then
+   the tiles of the best resolution, stacked into one image with the original size attached);
+2. `clip_n_output_tokens` counts such an image as the overview's 16 plus `h * (w + 1)` for the unpadded grid
+   (`clip_anyres_unpad`, transformers' `unpad_image`);
+3. `clip_image_batch_encode` runs each 56x56 tile of the stacked image through the LLaVA graph and packs the
+   features on the CPU as transformers' `pack_image_features` does: overview, then the kept rows of the grid, each
+   followed by `image_newline`.
+
+The projector's GELU stays llama.cpp's tanh approximation, and JPEGs stay stb_image-decoded. The command, prompt and
+text handling are those of `llamacpp-F16-*` (above).
+
+With each: transformers (float32, and float64 for `hf_same_prompt_logits_f64_file`) on the prompt ids llama.cpp
+builds (`prompt_token_ids`: BOS, each text segment of `formatted_prompt` tokenized on its own, each image as its
+transformers token count), with `pixels_file` (`[images, most blocks, 3, 56, 56]`, the base patch then the tiles, zero
+blocks padding an image with fewer): PIL decoding and llama.cpp's resizes (horizontal pass first), i.e. what seer
+computes for this GGUF. `pixels_max_abs_diff_vs_hf_processor` is their distance from transformers' own pixels (the
+Pillow 13 pass order of the tall images).
+
+| case | image tokens | prompt tokens (logged) | patched llama.cpp text | = transformers, same prompt (tokens agreeing) | min margin | f32 = f64 | pixels vs HF processor |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+With its packing put back, llama.cpp's image positions equal transformers' count in every case, and its greedy text
+equals transformers' on the same prompt, token for token.
 """
 
 
@@ -1304,7 +1482,9 @@ numpy {np.__version__}.  All on CPU, 2 threads.
   `<case>.image_features.f32`, and `cases/summary.json`.
 * `gguf/`: the model converted with llama.cpp's own tools (text model F16, LLaVA-1.6 mmproj F16) and
   llama-mtmd-cli's greedy outputs for the single-turn cases (`llamacpp-F16-<case>.json` + `.pixels.f32` +
-  `.image_features.f32`); see "GGUF" and "llama.cpp references" below.
+  `.image_features.f32`), and those of llama-mtmd-cli with LLaVA-1.6's packing patched back in, with transformers on
+  the same prompts (`llamacpp-next-F16-<case>.json` + `.pixels.f32` + `.logits_f64.f32`, `llamacpp-llava-next.patch`);
+  see "GGUF", "llama.cpp references" and "Patched llama.cpp references" below.
 
 ## Model
 
@@ -1424,7 +1604,7 @@ image matters).
 # ============================================================================= main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", default="images,hf,cases,gguf,llamacpp,readme")
+    ap.add_argument("--steps", default="images,hf,cases,gguf,llamacpp,llamacpp-next,readme")
     ap.add_argument("--seed-search", default="", help="comma-separated seeds: print the smallest greedy margin "
                                                       "of each (nothing written)")
     a = ap.parse_args()
@@ -1443,6 +1623,8 @@ def main():
         make_gguf()
     if "llamacpp" in steps:
         print(json.dumps(make_llamacpp(), indent=1, ensure_ascii=False))
+    if "llamacpp-next" in steps:
+        print(json.dumps(make_llamacpp_next(), indent=1, ensure_ascii=False))
     if "readme" in steps:
         make_readme()
 

@@ -66,13 +66,13 @@ impl Embedding {
                 vb.describe()
             )));
         }
+        // Under ISQ the table is quantized as the matrices are: for Llama 3's 128k
+        // vocabulary the f32 table alone would be 2 GiB.
+        if let Some(m) = vb.isq_matrix("weight")? {
+            return Ok(Embedding::Ggml(Arc::new(m)));
+        }
         Ok(match vb.load_stored("weight")? {
-            // Under ISQ the table is quantized as the matrices are: for Llama 3's 128k
-            // vocabulary the f32 table alone would be 2 GiB.
-            Stored::Dense(t) => match vb.isq_matrix(&t)? {
-                Some(m) => Embedding::Ggml(Arc::new(m)),
-                None => Embedding::Dense(t),
-            },
+            Stored::Dense(t) => Embedding::Dense(t),
             Stored::Ggml(q) => Embedding::Ggml(Arc::new(q)),
             Stored::Quantized(q) => Embedding::Quantized(Arc::new(q)),
         })

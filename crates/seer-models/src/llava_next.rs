@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::llava::{find_prefix, Llava};
-use crate::weights::{SafetensorsSource, Vb};
+use crate::gguf::GgufFile;
+use crate::weights::{GgufSource, SafetensorsSource, Vb};
 
 /// Where `image_newline` lives: the hub's 2024 layout, or transformers 5's.
 const NEWLINE_NAMES: [&str; 2] = ["", "model"];
@@ -32,6 +33,18 @@ impl LlavaNext {
         let vb = if prefix.is_empty() { root } else { root.pp(prefix) };
         let hidden = llava.config.text.hidden_size;
         let image_newline = vb.tensor_shaped("image_newline", &[hidden])?;
+        Ok(LlavaNext { llava, image_newline })
+    }
+
+    /// From a llama.cpp text model and a LLaVA-1.6 mmproj (the legacy converter's: an
+    /// LLaVA projector plus `model.image_newline` and `clip.vision.image_grid_pinpoints`).
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
+        let llava = Llava::load_gguf(text, mmproj.clone(), vision_bf16)?;
+        let vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| Some(n.to_string())))));
+        let name = ["model.image_newline", "v.image_newline"].into_iter().find(|n| vb.contains(n)).ok_or_else(|| {
+            ModelError::Mismatch(format!("{} has image_grid_pinpoints (LLaVA-1.6) but no image_newline tensor", mmproj.path().display()))
+        })?;
+        let image_newline = vb.tensor_shaped(name, &[llava.config.text.hidden_size])?;
         Ok(LlavaNext { llava, image_newline })
     }
 

@@ -34,6 +34,11 @@ pub trait TensorSource: Send + Sync {
     fn contains(&self, name: &str) -> bool;
     fn shape(&self, name: &str) -> Result<Vec<usize>>;
     fn load(&self, name: &str) -> Result<Stored>;
+    /// Rows `rows` of the 2-D tensor `name` as f32, for sources that can read part of a
+    /// tensor (safetensors); `None` otherwise.
+    fn load_rows(&self, _name: &str, _rows: std::ops::Range<usize>) -> Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
 }
 
 /// A view of a [`TensorSource`] under a name prefix, like candle's `VarBuilder`.
@@ -135,44 +140,46 @@ impl Vb {
                 self.describe()
             )));
         }
-        let weight = match self.src.load(&name)? {
-            Stored::Dense(t) => match self.isq_matrix(&t)? {
-                Some(m) => LinearWeight::Ggml(Arc::new(m)),
-                None if self.bf16 => {
-                    let w = t.flatten_all()?.to_vec1::<f32>()?;
-                    LinearWeight::Bf16(Arc::new(PackedBf16::pack(&w, out_dim, in_dim)))
-                }
-                None => LinearWeight::Dense(t),
-            },
-            Stored::Ggml(q) => LinearWeight::Ggml(Arc::new(q)),
-            Stored::Quantized(q) => LinearWeight::quantized(q)?,
+        let weight = match self.isq_matrix("weight")? {
+            Some(m) => LinearWeight::Ggml(Arc::new(m)),
+            None => self.dense_or_stored(&name, in_dim, out_dim)?,
         };
         let bias = if bias { Some(self.tensor_shaped("bias", &[out_dim])?) } else { None };
         Ok(Linear::new(weight, bias))
     }
 
-    /// A dense `[rows, cols]` matrix quantized to this view's ISQ type, when it has one and
-    /// the rows split into its blocks. All cores take a share of the rows.
-    pub fn isq_matrix(&self, t: &Tensor) -> Result<Option<QuantMatrix>> {
-        let (rows, cols) = t.dims2()?;
+    /// The weight as stored: dense (f32, or bf16 for this view), or quantized in its file.
+    fn dense_or_stored(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
+        Ok(match self.src.load(name)? {
+            Stored::Dense(t) if self.bf16 => {
+                let w = t.flatten_all()?.to_vec1::<f32>()?;
+                LinearWeight::Bf16(Arc::new(PackedBf16::pack(&w, out_dim, in_dim)))
+            }
+            Stored::Dense(t) => LinearWeight::Dense(t),
+            Stored::Ggml(q) => LinearWeight::Ggml(Arc::new(q)),
+            Stored::Quantized(q) => LinearWeight::quantized(q)?,
+        })
+    }
+
+    /// The matrix `{prefix}.name` (`[rows, cols]`) quantized to this view's ISQ type as it
+    /// streams from the file, [`ISQ_CHUNK`] values at a time, so the f32 matrix never exists
+    /// whole (Llama 3's 128k × 4096 output matrix alone is 2 GiB of f32). `None` without
+    /// ISQ, when the rows do not split into the type's blocks, or from a source that cannot
+    /// read part of a tensor.
+    pub fn isq_matrix(&self, name: &str) -> Result<Option<QuantMatrix>> {
+        let name = self.full(name);
+        let &[rows, cols] = self.src.shape(&name)?.as_slice() else { return Ok(None) };
         let Some(dtype) = isq_type(self.isq, cols) else { return Ok(None) };
         let qt = quant_type(dtype).ok_or_else(|| ModelError::Config(format!("no kernel for ISQ type {dtype:?}")))?;
-        let t = t.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(ModelError::Config("in-situ quantization runs on the CPU".into()));
-        };
-        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * cols];
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows).max(1);
-        let per = rows.div_ceil(threads) * cols;
-        let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
-            let runs: Vec<_> = xs.chunks(per).map(|run| s.spawn(move || quantize_blocks(dtype, run))).collect();
-            runs.into_iter().map(|h| h.join().unwrap_or_default()).collect()
-        });
-        let bytes = parts.concat();
+        let step = (ISQ_CHUNK / cols).max(1);
+        let mut bytes = Vec::with_capacity(rows * qt.row_bytes(cols));
+        for start in (0..rows).step_by(step) {
+            let Some(xs) = self.src.load_rows(&name, start..(start + step).min(rows))? else { return Ok(None) };
+            bytes.extend_from_slice(&quantize_parallel(dtype, &xs, cols));
+        }
         QuantMatrix::owned(qt, rows, cols, bytes)
             .map(Some)
-            .ok_or_else(|| ModelError::Config(format!("quantizing a [{rows}, {cols}] matrix to {dtype:?} failed")))
+            .ok_or_else(|| ModelError::Config(format!("quantizing `{name}` [{rows}, {cols}] to {dtype:?} failed")))
     }
 
     /// A weight with an optional bias: present in some checkpoints, absent in others.
@@ -187,6 +194,21 @@ impl Vb {
 fn isq_type(isq: Option<GgmlDType>, in_dim: usize) -> Option<GgmlDType> {
     let wanted = isq?;
     [wanted, GgmlDType::Q8_0].into_iter().find(|t| in_dim.is_multiple_of(t.block_size()))
+}
+
+/// Values of a matrix quantized at once under ISQ: 16 MiB of f32.
+pub const ISQ_CHUNK: usize = 1 << 22;
+
+/// Rows of `cols` values (`xs`) quantized on every core, each taking a run of rows.
+fn quantize_parallel(dtype: GgmlDType, xs: &[f32], cols: usize) -> Vec<u8> {
+    let rows = xs.len() / cols;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows).max(1);
+    let per = rows.div_ceil(threads) * cols;
+    let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let runs: Vec<_> = xs.chunks(per).map(|run| s.spawn(move || quantize_blocks(dtype, run))).collect();
+        runs.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    });
+    parts.concat()
 }
 
 /// `xs` (whole blocks) in a ggml block type, as the bytes GGUF would store.
@@ -260,24 +282,32 @@ impl SafetensorsSource {
     /// the page cache; touching them again reads them back).
     fn load_f32(&self, name: &str) -> Result<Tensor> {
         let e = self.entry(name)?;
+        let values = self.read_f32(name, e, e.start..e.end)?;
+        Ok(Tensor::from_vec(values, e.shape.as_slice(), &Device::Cpu)?)
+    }
+
+    /// Bytes `range` of the map holding `e`, as f32; then those pages are handed back.
+    fn read_f32(&self, name: &str, e: &TensorEntry, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let map = &self.maps[e.file];
-        let bytes = &map[e.start..e.end];
-        let t = match e.dtype {
-            safetensors::Dtype::BF16 => Tensor::from_vec(widen(bytes, |b| half::bf16::from_bits(b).to_f32()), e.shape.as_slice(), &Device::Cpu)?,
-            safetensors::Dtype::F16 => Tensor::from_vec(widen(bytes, |b| half::f16::from_bits(b).to_f32()), e.shape.as_slice(), &Device::Cpu)?,
+        let bytes = &map[range.clone()];
+        let values = match e.dtype {
+            safetensors::Dtype::BF16 => widen(bytes, |b| half::bf16::from_bits(b).to_f32()),
+            safetensors::Dtype::F16 => widen(bytes, |b| half::f16::from_bits(b).to_f32()),
+            safetensors::Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             dtype => {
-                let dtype = candle_dtype(dtype).ok_or_else(|| ModelError::Format {
+                let candle = candle_dtype(dtype).ok_or_else(|| ModelError::Format {
                     path: self.files[e.file].clone(),
                     format: "safetensors",
                     detail: format!("tensor `{name}` has type {dtype:?}, which seer does not read"),
                 })?;
-                Tensor::from_raw_buffer(bytes, dtype, &e.shape, &Device::Cpu)?.to_dtype(DType::F32)?
+                let n = bytes.len() * 8 / dtype.bitsize();
+                Tensor::from_raw_buffer(bytes, candle, &[n], &Device::Cpu)?.to_dtype(DType::F32)?.to_vec1::<f32>()?
             }
         };
         // SAFETY: the map is read-only and file-backed, and nothing borrows these bytes any
         // more: DONTNEED only drops the pages, a later read faults them in from the file.
-        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
-        Ok(t)
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len()) };
+        Ok(values)
     }
 }
 
@@ -362,6 +392,16 @@ impl TensorSource for SafetensorsSource {
 
     fn load(&self, name: &str) -> Result<Stored> {
         Ok(Stored::Dense(self.load_f32(name)?))
+    }
+
+    fn load_rows(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Option<Vec<f32>>> {
+        let e = self.entry(name)?;
+        let &[n, cols] = e.shape.as_slice() else { return Ok(None) };
+        if rows.end > n {
+            return Err(ModelError::Mismatch(format!("rows {rows:?} of `{name}`, which has {n}")));
+        }
+        let row_bytes = cols * e.dtype.bitsize() / 8;
+        Ok(Some(self.read_f32(name, e, e.start + rows.start * row_bytes..e.start + rows.end * row_bytes)?))
     }
 }
 

@@ -106,33 +106,35 @@ fn isq_quantizes_dense_weights_as_they_load() {
     assert_eq!(rel_err(&q4k, &want), rel_err(&q8, &want));
 }
 
-/// The loader's own safetensors reader and the row-parallel quantizer against candle's:
-/// 16-bit weights widen to the same f32 values as candle's conversion, and every ISQ type
-/// gives the same blocks as `QTensor::quantize` on the whole matrix (compared dequantized),
-/// with a row count that
-/// does not split evenly between threads.
+/// The loader's own safetensors reader and the streaming, row-parallel quantizer against
+/// candle's: 16-bit weights widen to the same f32 values as candle's conversion, and every
+/// ISQ type gives the same blocks as `QTensor::quantize` on the whole matrix (compared
+/// dequantized), for a matrix that streams in two chunks and a row count that does not
+/// split evenly between threads.
 #[test]
-fn safetensors_reader_and_parallel_isq_match_candle() {
+fn safetensors_reader_and_streamed_isq_match_candle() {
     use candle_core::safetensors::save;
     use candle_core::DType;
-    use seer_models::weights::SafetensorsSource;
+    use seer_models::weights::{SafetensorsSource, ISQ_CHUNK};
     let dev = Device::Cpu;
     let dir = std::env::temp_dir().join(format!("seer-isq-bytes-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.safetensors");
-    let weight = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
+    let cols = 512;
+    let rows = ISQ_CHUNK / cols + 37;
+    let weight = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
     let stored = [("f32", weight.clone()), ("bf16", weight.to_dtype(DType::BF16).unwrap()), ("f16", weight.to_dtype(DType::F16).unwrap())];
     save(&stored.iter().map(|(n, t)| (format!("{n}.weight"), t.clone())).collect(), &path).unwrap();
     let vb = Vb::new(Arc::new(SafetensorsSource::open(&[path]).unwrap()));
     for (name, t) in &stored {
         let want = t.to_dtype(DType::F32).unwrap();
         let got = vb.pp(name).tensor("weight").unwrap();
-        assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap(), "{name}");
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
-            let ours = vb.with_isq(Some(dtype)).isq_matrix(&got).unwrap().expect("512 columns fit every block size");
+            let ours = vb.with_isq(Some(dtype)).pp(name).isq_matrix("weight").unwrap().expect("512 columns fit every block size");
             let theirs = candle_core::quantized::QTensor::quantize(&want, dtype).unwrap();
-            let row = ours.dequantize().unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(row, theirs.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap(), "{name} {dtype:?}");
+            let a = ours.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, theirs.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name} {dtype:?}");
         }
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -17,6 +17,9 @@ use crate::VisionError;
 pub struct LlavaNextProcessorConfig {
     pub clip: ClipProcessorConfig,
     pub pinpoints: Vec<(u32, u32)>,
+    /// Pillow 13's pass order (transformers), or the horizontal pass first always
+    /// (llama.cpp's resampler, for GGUF projectors).
+    pub order: PassOrder,
 }
 
 impl LlavaNextProcessorConfig {
@@ -42,7 +45,7 @@ impl LlavaNextProcessorConfig {
         if let Some((h, w)) = pinpoints.iter().find(|(h, w)| h % tile.height != 0 || w % tile.width != 0) {
             return Err(VisionError::BadConfig(format!("grid resolution {h}x{w} is not a whole number of {}x{} tiles", tile.height, tile.width)));
         }
-        Ok(LlavaNextProcessorConfig { clip, pinpoints })
+        Ok(LlavaNextProcessorConfig { clip, pinpoints, order: PassOrder::Pillow13 })
     }
 
     /// Where a `width × height` image's features land, for a model whose tiles are
@@ -155,7 +158,7 @@ fn resize(img: &RgbImage, width: u32, height: u32, cfg: &LlavaNextProcessorConfi
     if img.dimensions() == (width, height) {
         return img.clone();
     }
-    resample::resize(img, width.max(1), height.max(1), cfg.clip.resample, PassOrder::Pillow13)
+    resample::resize(img, width.max(1), height.max(1), cfg.clip.resample, cfg.order)
 }
 
 #[cfg(test)]

@@ -113,6 +113,19 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
             grammars: Default::default(),
         });
     }
+    if proj.get(PINPOINTS).is_some() {
+        let (next, preprocess) = llava_next_gguf(text, proj, vision.bf16(sixteen_bit))?;
+        return Ok(Vlm {
+            model: Model::LlavaNext(next),
+            tokenizer,
+            template,
+            image_parts: ImageParts::MarkerFirst(MEDIA_MARKER.into()),
+            image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
+            preprocess,
+            name: model_name,
+            grammars: Default::default(),
+        });
+    }
     let preprocess = Preprocess::LlamaCppLlava {
         size: proj.get_u32("clip.vision.image_size")? as usize,
         mean: f32x3(&proj, "clip.vision.image_mean")?,
@@ -129,6 +142,35 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
         name: model_name,
         grammars: Default::default(),
     })
+}
+
+/// What marks a LLaVA-1.6 mmproj: its grid resolutions, `[w0, h0, w1, h1, ...]`.
+const PINPOINTS: &str = "clip.vision.image_grid_pinpoints";
+
+/// LLaVA-1.6 from a Llama text model and the legacy converter's mmproj. The image is the
+/// model's own: the base tile, then the grid with the padding's rows or columns dropped and
+/// `image_newline` after each row, as transformers packs it (llama.cpp 0c1e57098 reads the
+/// same file as tiles then the base, without either: tests/fixtures/llava_next/README.md).
+/// The pixels are llama.cpp's: its resampler runs the horizontal pass first.
+fn llava_next_gguf(text: Arc<GgufFile>, proj: Arc<GgufFile>, vision_bf16: bool) -> Result<(LlavaNext, Preprocess)> {
+    let size = proj.get_u32("clip.vision.image_size")?;
+    let bad = |detail: String| EngineError::Model(ModelError::Format { path: proj.path().into(), format: "GGUF", detail });
+    let values: Vec<u32> = proj.get(PINPOINTS).and_then(|v| v.to_vec().ok()).into_iter().flatten().filter_map(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().and_then(|x| u32::try_from(x).ok()))).collect();
+    if values.is_empty() || values.len() % 2 != 0 || values.iter().any(|&v| v == 0 || v % size != 0) {
+        return Err(bad(format!("`{PINPOINTS}` {values:?} is not a list of (width, height) pairs in whole {size}-px tiles")));
+    }
+    let pinpoints = values.chunks_exact(2).map(|wh| (wh[1], wh[0])).collect();
+    let clip = ClipProcessorConfig {
+        size: seer_vision::clip::ResizeTarget::ShortestEdge(size),
+        crop_size: seer_vision::clip::CropSize { height: size, width: size },
+        image_mean: f32x3(&proj, "clip.vision.image_mean")?.map(f64::from),
+        image_std: f32x3(&proj, "clip.vision.image_std")?.map(f64::from),
+        ..ClipProcessorConfig::default()
+    };
+    let model = LlavaNext::load_gguf(text, proj, vision_bf16)?;
+    let cfg = LlavaNextProcessorConfig { clip, pinpoints, order: PassOrder::HorizontalFirst };
+    let preprocess = Preprocess::LlavaNext { cfg, cells: model.cells_per_tile(), base_tokens: model.llava.config.image_tokens() };
+    Ok((model, preprocess))
 }
 
 /// Qwen2-VL or Qwen2.5-VL from a `qwen2vl` text model and its merger mmproj, with

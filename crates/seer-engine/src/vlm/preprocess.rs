@@ -38,12 +38,14 @@ impl Preprocess {
             Preprocess::Hf(_)
             | Preprocess::Idefics3 { order: PassOrder::Pillow13, .. }
             | Preprocess::Qwen2Vl(_)
-            | Preprocess::LlavaNext { .. }
             | Preprocess::Gemma3 { .. }
             | Preprocess::Mllama(_) => {
                 seer_vision::AlphaMode::OverWhite
             }
             Preprocess::Idefics3 { .. } => seer_vision::AlphaMode::Drop,
+            // transformers composites onto white; llama.cpp (its resampler's pass order) drops alpha
+            Preprocess::LlavaNext { cfg, .. } if cfg.order == PassOrder::Pillow13 => seer_vision::AlphaMode::OverWhite,
+            Preprocess::LlavaNext { .. } => seer_vision::AlphaMode::Drop,
             Preprocess::LlamaCppLlava { .. } | Preprocess::LlamaCppGemma3 { .. } => seer_vision::AlphaMode::Drop,
         }
     }
