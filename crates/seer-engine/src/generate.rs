@@ -328,9 +328,18 @@ impl Vlm {
 
     /// Token counts of a prompt, refusing one that leaves no room to generate.
     fn prompt_usage(&self, prompt: &Prompt) -> Result<Usage> {
-        let image_tokens: usize = prompt.block_tokens.iter().sum();
-        let text_tokens: usize = prompt.segments.iter().map(|s| if let Segment::Tokens(ids) = s { ids.len() } else { 0 }).sum();
-        let prompt_tokens = text_tokens + image_tokens;
+        let tokens: usize = prompt.segments.iter().map(|s| if let Segment::Tokens(ids) = s { ids.len() } else { 0 }).sum();
+        let (image_tokens, prompt_tokens) = match self.image_slot {
+            // Llama 3.2 Vision: each image takes its one `<|image|>` token of the prompt.
+            ImageSlot::CrossAttention(id) => {
+                let count = prompt.segments.iter().map(|s| if let Segment::Tokens(ids) = s { ids.iter().filter(|&&t| t == id).count() } else { 0 }).sum();
+                (count, tokens)
+            }
+            _ => {
+                let images: usize = prompt.block_tokens.iter().sum();
+                (images, tokens + images)
+            }
+        };
         let context = self.context_length();
         if prompt_tokens == 0 {
             return Err(EngineError::BadRequest("the prompt is empty".into()));

@@ -36,7 +36,11 @@ fn mllama_matches_transformers() {
         let pixel_diff = max_abs_diff(&pixels, &want);
         assert!(pixel_diff < 1e-5, "{name}: pixels differ by {pixel_diff}");
 
-        let exact_diff = support::check_logits_and_greedy(&vlm, &name, &case, &root.join("cases"), &prompt, &batch, msgs);
+        let n_images = tiles.len();
+        let exact_diff = support::check_logits_and_greedy(&vlm, &name, &case, &root.join("cases"), &prompt, &batch, msgs.clone());
+        // The images take one `<|image|>` token each of the prompt (their states are cross-attended).
+        let gen = vlm.generate(&seer_engine::GenerateRequest { messages: msgs, max_tokens: 1, ..Default::default() }, &limits, &mut |_| true).unwrap();
+        assert_eq!(gen.usage.image_tokens, n_images, "{name}: usage.image_tokens");
         eprintln!("{name}: pixels {pixel_diff:.1e}, logits vs f64 {exact_diff:.1e}, 16 tokens equal");
     }
 }

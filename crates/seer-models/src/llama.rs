@@ -501,26 +501,30 @@ impl CrossBlock {
         })
     }
 
-    /// Keys and values of the image states `[n, hidden]`, each `[heads, n, head_dim]`
-    /// (key/value heads repeated for their query heads).
+    /// Keys and values of the image states `[n, hidden]`, once per key/value head (not
+    /// repeated for the query heads that share it): keys `[kv_heads, head_dim, n]`, already
+    /// transposed for the score product, values `[kv_heads, n, head_dim]`.
     fn states(&self, states: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let n = states.dim(0)?;
-        let (kv, d, rep) = (self.kv_heads, self.head_dim, self.heads / self.kv_heads);
-        let heads = |y: Tensor| -> candle_core::Result<Tensor> {
-            let y = y.reshape((n, kv, 1, d))?.broadcast_as((n, kv, rep, d))?.reshape((n, kv * rep, d))?;
-            y.transpose(0, 1)?.contiguous()
-        };
+        let (kv, d) = (self.kv_heads, self.head_dim);
         let k = self.k_norm.forward(&self.k_proj.forward(states)?.reshape((n * kv, d))?)?;
-        Ok((heads(k)?, heads(self.v_proj.forward(states)?)?))
+        let k = k.reshape((n, kv, d))?.permute((1, 2, 0))?.contiguous()?;
+        let v = self.v_proj.forward(states)?.reshape((n, kv, d))?.transpose(0, 1)?.contiguous()?;
+        Ok((k, v))
     }
 
+    /// Each group of `heads / kv_heads` query heads attends to its key/value head in one
+    /// product: the rows of the group's heads stacked, `[kv_heads, rep · t, head_dim]`.
     fn forward(&self, x: &Tensor, kv: &(Tensor, Tensor), mask: &CrossMask) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (heads, d) = (self.heads, self.head_dim);
+        let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = heads / kv_heads;
         let q = self.q_norm.forward(&self.q_proj.forward(&self.input_layernorm.forward(x)?)?.reshape((t * heads, d))?)?;
-        let q = q.reshape((t, heads, d))?.transpose(0, 1)?.contiguous()?;
-        let scores = (q.matmul(&kv.0.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask.bias)?;
-        let y = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&kv.1)?.transpose(0, 1)?.reshape((b, t, heads * d))?;
+        let q = q.reshape((t, kv_heads, rep, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv_heads, rep * t, d))?;
+        let n = kv.0.dim(2)?;
+        let scores = (q.matmul(&kv.0)? * (1.0 / (d as f64).sqrt()))?.reshape((kv_heads, rep, t, n))?.broadcast_add(&mask.bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((kv_heads, rep * t, n))?;
+        let y = probs.matmul(&kv.1)?.reshape((kv_heads, rep, t, d))?.permute((2, 0, 1, 3))?.reshape((b, t, heads * d))?;
         let x = (x + (self.o_proj.forward(&y)? * self.attn_gate)?)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         let h = h.broadcast_mul(&mask.rows.reshape((1, (), 1))?)?;
