@@ -185,3 +185,39 @@ fn request_errors_name_the_problem() {
         other => panic!("expected a context overflow, got {other}"),
     }
 }
+
+/// The LLaVA-1.6 fixture mmproj rewritten as `name` without the tensor `drop` and with the
+/// metadata in `set`.
+fn rewritten_next_mmproj(dir: &Path, name: &str, drop: Option<&str>, set: &[(&str, gguf_file::Value)]) -> PathBuf {
+    let src = fixtures().join("../llava_next/gguf/mmproj-tiny-llava-next-F16.gguf");
+    let mut file = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .filter(|n| Some(n.as_str()) != drop)
+        .map(|n| (n.clone(), content.tensor(&mut file, n, &candle_core::Device::Cpu).unwrap()))
+        .collect();
+    let mut meta = content.metadata.clone();
+    for (k, v) in set {
+        meta.insert(k.to_string(), v.clone());
+    }
+    let out = dir.join(name);
+    let metadata: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &metadata, &tensors).unwrap();
+    out
+}
+
+#[test]
+fn broken_llava_next_mmproj_is_explained() {
+    let dir = scratch("next-mmproj");
+    let text = fixtures().join("../llava_next/gguf/tiny-llava-next-F16.gguf");
+    let no_newline = rewritten_next_mmproj(&dir, "mmproj-no-newline.gguf", Some("model.image_newline"), &[]);
+    let msg = load_err(&text, Some(&no_newline));
+    assert!(msg.contains("image_newline") && msg.contains("mmproj-no-newline.gguf"), "{msg}");
+    let odd = [gguf_file::Value::I32(56), gguf_file::Value::I32(100)];
+    let bad_grid = rewritten_next_mmproj(&dir, "mmproj-bad-grid.gguf", None, &[("clip.vision.image_grid_pinpoints", gguf_file::Value::Array(odd.to_vec()))]);
+    let msg = load_err(&text, Some(&bad_grid));
+    assert!(msg.contains("image_grid_pinpoints") && msg.contains("56-px") && msg.contains("mmproj-bad-grid.gguf"), "{msg}");
+}

@@ -113,27 +113,20 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
             grammars: Default::default(),
         });
     }
-    if proj.get(PINPOINTS).is_some() {
+    // LLaVA 1.5 or, with grid resolutions in its projector, LLaVA-1.6.
+    let (model, preprocess) = if proj.get(PINPOINTS).is_some() {
         let (next, preprocess) = llava_next_gguf(text, proj, vision.bf16(sixteen_bit))?;
-        return Ok(Vlm {
-            model: Model::LlavaNext(next),
-            tokenizer,
-            template,
-            image_parts: ImageParts::MarkerFirst(MEDIA_MARKER.into()),
-            image_slot: ImageSlot::Marker(MEDIA_MARKER.into()),
-            preprocess,
-            name: model_name,
-            grammars: Default::default(),
-        });
-    }
-    let preprocess = Preprocess::LlamaCppLlava {
-        size: proj.get_u32("clip.vision.image_size")? as usize,
-        mean: f32x3(&proj, "clip.vision.image_mean")?,
-        std: f32x3(&proj, "clip.vision.image_std")?,
+        (Model::LlavaNext(next), preprocess)
+    } else {
+        let preprocess = Preprocess::LlamaCppLlava {
+            size: proj.get_u32("clip.vision.image_size")? as usize,
+            mean: f32x3(&proj, "clip.vision.image_mean")?,
+            std: f32x3(&proj, "clip.vision.image_std")?,
+        };
+        (Model::Llava(Llava::load_gguf(text, proj, vision.bf16(sixteen_bit))?), preprocess)
     };
-    let llava = Llava::load_gguf(text, proj, vision.bf16(sixteen_bit))?;
     Ok(Vlm {
-        model: Model::Llava(llava),
+        model,
         tokenizer,
         template,
         image_parts: ImageParts::MarkerFirst(MEDIA_MARKER.into()),
