@@ -149,7 +149,7 @@ fn llava_next_gguf(text: Arc<GgufFile>, proj: Arc<GgufFile>, vision_bf16: bool) 
     let size = proj.get_u32("clip.vision.image_size")?;
     let bad = |detail: String| EngineError::Model(ModelError::Format { path: proj.path().into(), format: "GGUF", detail });
     let values: Vec<u32> = proj.get(PINPOINTS).and_then(|v| v.to_vec().ok()).into_iter().flatten().filter_map(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().and_then(|x| u32::try_from(x).ok()))).collect();
-    if values.is_empty() || values.len() % 2 != 0 || values.iter().any(|&v| v == 0 || v % size != 0) {
+    if values.is_empty() || !values.len().is_multiple_of(2) || values.iter().any(|&v| v == 0 || !v.is_multiple_of(size)) {
         return Err(bad(format!("`{PINPOINTS}` {values:?} is not a list of (width, height) pairs in whole {size}-px tiles")));
     }
     let pinpoints = values.chunks_exact(2).map(|wh| (wh[1], wh[0])).collect();
