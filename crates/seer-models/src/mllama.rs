@@ -1,7 +1,8 @@
-//! Llama 3.2 Vision (`MllamaForConditionalGeneration`), the vision side so far: the tiled
+//! Llama 3.2 Vision (`MllamaForConditionalGeneration`), its vision side: the tiled
 //! vision encoder (aspect-ratio and tile position embeddings, gated; a local encoder whose
 //! chosen layers' outputs are kept, a gated global encoder) and the projector that makes
-//! the decoder's cross-attention states. The cross-attention decoder is still to come.
+//! the decoder's cross-attention states. The decoder and its cross-attention layers are
+//! the one Llama decoder's (`llama.rs`).
 
 use candle_core::{Tensor, D};
 use candle_nn::ops::softmax_last_dim;

@@ -316,13 +316,11 @@ fn widen(bytes: &[u8], f: impl Fn(u16) -> f32) -> Vec<f32> {
     bytes.chunks_exact(2).map(|b| f(u16::from_le_bytes([b[0], b[1]]))).collect()
 }
 
+/// The candle type of the other element types seer reads (the floats are widened directly).
 fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     use safetensors::Dtype as S;
     Some(match dtype {
-        S::F32 => DType::F32,
         S::F64 => DType::F64,
-        S::BF16 => DType::BF16,
-        S::F16 => DType::F16,
         S::U8 => DType::U8,
         S::U32 => DType::U32,
         S::I64 => DType::I64,
