@@ -359,6 +359,19 @@ impl GgufFile {
 
     /// The tensor dequantized to f32, on the CPU.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        // Float tensors are widened straight from the map: no intermediate copy of the
+        // bytes or of a candle tensor .
+        let info = self.tensor_info(name)?;
+        let bytes = &self.tensor_bytes(name)?[..info.size as usize];
+        let floats = match self.tensor_dtype(name)? {
+            GgmlDType::F32 => Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+            GgmlDType::F16 => Some(crate::weights::widen_f16(bytes)),
+            GgmlDType::BF16 => Some(crate::weights::widen_bf16(bytes)),
+            _ => None,
+        };
+        if let Some(values) = floats {
+            return Tensor::from_vec(values, info.shape.clone(), &Device::Cpu).map_err(|e| self.format_err(format!("tensor `{name}`: {e}")));
+        }
         let q = self.qtensor(name)?;
         q.dequantize(&Device::Cpu).map_err(|e| self.format_err(format!("cannot dequantize tensor `{name}`: {e}")))
     }

@@ -151,10 +151,7 @@ impl Vb {
     /// The weight as stored: dense (f32, or bf16 for this view), or quantized in its file.
     fn dense_or_stored(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
         Ok(match self.src.load(name)? {
-            Stored::Dense(t) if self.bf16 => {
-                let w = t.flatten_all()?.to_vec1::<f32>()?;
-                LinearWeight::Bf16(Arc::new(PackedBf16::pack(&w, out_dim, in_dim)))
-            }
+            Stored::Dense(t) if self.bf16 => LinearWeight::Bf16(Arc::new(with_f32_slice(&t, |w| PackedBf16::pack(w, out_dim, in_dim))?)),
             Stored::Dense(t) => LinearWeight::Dense(t),
             Stored::Ggml(q) => LinearWeight::Ggml(Arc::new(q)),
             Stored::Quantized(q) => LinearWeight::quantized(q)?,
@@ -194,6 +191,16 @@ impl Vb {
 fn isq_type(isq: Option<GgmlDType>, in_dim: usize) -> Option<GgmlDType> {
     let wanted = isq?;
     [wanted, GgmlDType::Q8_0].into_iter().find(|t| in_dim.is_multiple_of(t.block_size()))
+}
+
+/// `f` on a CPU f32 tensor's values in place (a fresh one is contiguous), no copy.
+fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(ModelError::Config("weights are loaded on the CPU".into()));
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()]))
 }
 
 /// Values of a matrix quantized at once under ISQ: 16 MiB of f32.
@@ -291,8 +298,8 @@ impl SafetensorsSource {
         let map = &self.maps[e.file];
         let bytes = &map[range.clone()];
         let values = match e.dtype {
-            safetensors::Dtype::BF16 => widen(bytes, |b| half::bf16::from_bits(b).to_f32()),
-            safetensors::Dtype::F16 => widen(bytes, |b| half::f16::from_bits(b).to_f32()),
+            safetensors::Dtype::BF16 => widen_bf16(bytes),
+            safetensors::Dtype::F16 => widen_f16(bytes),
             safetensors::Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             dtype => {
                 let candle = candle_dtype(dtype).ok_or_else(|| ModelError::Format {
@@ -311,9 +318,30 @@ impl SafetensorsSource {
     }
 }
 
-/// 16-bit floats (little-endian bytes) to f32.
-fn widen(bytes: &[u8], f: impl Fn(u16) -> f32) -> Vec<f32> {
-    bytes.chunks_exact(2).map(|b| f(u16::from_le_bytes([b[0], b[1]]))).collect()
+/// IEEE half floats (little-endian bytes) to f32.
+pub(crate) fn widen_f16(bytes: &[u8]) -> Vec<f32> {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    widen(bytes, |b, o| b.reinterpret_cast::<half::f16>().convert_to_f32_slice(o), |b| half::f16::from_bits(b).to_f32())
+}
+
+/// bfloat16 (little-endian bytes) to f32.
+pub(crate) fn widen_bf16(bytes: &[u8]) -> Vec<f32> {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    widen(bytes, |b, o| b.reinterpret_cast::<half::bf16>().convert_to_f32_slice(o), |b| half::bf16::from_bits(b).to_f32())
+}
+
+/// 16-bit values to f32: `fast` (half's vectorized conversion) where the bytes are
+/// 2-aligned, as they are in GGUF and safetensors files, else `one` at a time.
+fn widen(bytes: &[u8], fast: impl Fn(&[u16], &mut [f32]), one: impl Fn(u16) -> f32) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 2];
+    // SAFETY: every bit pattern is a valid u16; align_to only hands out the aligned middle.
+    let (head, bits, tail) = unsafe { bytes.align_to::<u16>() };
+    if head.is_empty() && tail.is_empty() && cfg!(target_endian = "little") {
+        fast(bits, &mut out);
+    } else {
+        out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| *o = one(u16::from_le_bytes([b[0], b[1]])));
+    }
+    out
 }
 
 /// The candle type of the other element types seer reads (the floats are widened directly).
