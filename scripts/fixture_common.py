@@ -281,6 +281,38 @@ def mtmd_stdout_text(out, n_messages=1):
     return gen[:-2] if gen.endswith(nl + nl) else gen
 
 
+def draw_wide(rng, path: Path):
+    """A 160x40 test image: horizontal colour waves, a white bar with dark marks, a green
+    triangle, noise from `rng`."""
+    from PIL import Image, ImageDraw
+    h, w = 40, 160
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = np.stack([127 + 120 * np.sin(x / 9.0), 127 + 120 * np.sin(x / 13.0 + 2), 60 + y * 4], -1)
+    a += rng.normal(0, 10, (h, w, 3))
+    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.rectangle([8, 26, 150, 36], fill=(245, 245, 240))
+    for i in range(11):
+        d.rectangle([14 + i * 12, 28, 19 + i * 12, 34], fill=(10, 10, 10))
+    d.polygon([(80, 2), (96, 22), (64, 22)], fill=(30, 160, 60))
+    im.save(path, optimize=False)
+
+
+def draw_tall(rng, path: Path):
+    """A 40x150 test image: vertical gradient, a yellow circle at the top, a blue rectangle, a red
+    bar, noise from `rng`."""
+    from PIL import Image, ImageDraw
+    h, w = 150, 40
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = np.stack([40 + y * 1.2, 200 - y, 120 + x * 2], -1) + rng.normal(0, 8, (h, w, 3))
+    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.ellipse([8, 6, 32, 30], fill=(250, 220, 20))
+    d.rectangle([6, 50, 34, 96], fill=(30, 60, 200))
+    d.rectangle([4, 120, 36, 130], fill=(200, 30, 30))
+    im.save(path, optimize=False)
+
+
 def draw_very_wide(rng, path: Path):
     """A 300x40 test image: horizontal colour waves, a white bar with dark "text" marks, a green
     triangle, a red disc near the right end, noise from `rng`."""

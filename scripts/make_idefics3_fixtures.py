@@ -145,29 +145,8 @@ def make_images():
     d.rectangle([40, 36, 58, 56], fill=(20, 20, 60))
     im.save(FIX / IMAGES["square"], optimize=False)
 
-    # wide 160x40: horizontal colour waves, a white bar with dark marks, a green triangle, noise
-    h, w = 40, 160
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    a = np.stack([127 + 120 * np.sin(x / 9.0), 127 + 120 * np.sin(x / 13.0 + 2), 60 + y * 4], -1)
-    a += rng.normal(0, 10, (h, w, 3))
-    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    d.rectangle([8, 26, 150, 36], fill=(245, 245, 240))
-    for i in range(11):
-        d.rectangle([14 + i * 12, 28, 19 + i * 12, 34], fill=(10, 10, 10))
-    d.polygon([(80, 2), (96, 22), (64, 22)], fill=(30, 160, 60))
-    im.save(FIX / IMAGES["wide"], optimize=False)
-
-    # tall 40x150: vertical gradient, a yellow circle at the top, a blue rectangle, a red bar, noise
-    h, w = 150, 40
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    a = np.stack([40 + y * 1.2, 200 - y, 120 + x * 2], -1) + rng.normal(0, 8, (h, w, 3))
-    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    d.ellipse([8, 6, 32, 30], fill=(250, 220, 20))
-    d.rectangle([6, 50, 34, 96], fill=(30, 60, 200))
-    d.rectangle([4, 120, 36, 130], fill=(200, 30, 30))
-    im.save(FIX / IMAGES["tall"], optimize=False)
+    fc.draw_wide(rng, FIX / IMAGES["wide"])
+    fc.draw_tall(rng, FIX / IMAGES["tall"])
     log("images written")
 
 
