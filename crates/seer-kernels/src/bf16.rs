@@ -2,11 +2,15 @@
 //! the multiply-adds of f32 FMA per instruction), for vision towers and projectors whose
 //! weights ship as f16 or bf16 anyway.
 //!
-//! Weights are packed once, at load, into panels of 32 output columns whose pairs of
-//! consecutive inputs sit in one 32-bit lane, the operand layout `vdpbf16ps` wants; the
-//! packed copy replaces the f32 one, so it also halves the weights' memory. Activations are
-//! rounded to bf16 per call. Each task takes one panel and runs it against all activation
-//! rows, eight at a time, the panel staying in L2.
+//! The kernel reads panels of 32 output columns whose pairs of consecutive inputs sit in one
+//! 32-bit lane, the operand layout `vdpbf16ps` wants. A [`Bf16Matrix`] either holds its
+//! weights packed that way (packed once, at load, from f32) or reads them in place as a
+//! file stores them, row-major f16 or bf16, and packs each panel as a product needs it:
+//! a panel is 32 rows, converted once per product and used by every activation row, so
+//! for a vision tower's hundreds of rows the packing costs about 1 % and the weights
+//! never take the process's own memory. Activations are rounded to bf16 per call. Each
+//! task takes one panel and runs it against all activation rows, eight at a time, the
+//! panel staying in L2.
 
 use std::ops::Range;
 
@@ -30,16 +34,43 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// A `[n, k]` weight (row-major, one row per output) packed for [`PackedBf16::matmul`].
-pub struct PackedBf16 {
-    n: usize,
-    k: usize,
-    /// `[n / NR (rounded up)][k / 2 (rounded up)][NR]`: each u32 holds the bf16 weights of
-    /// inputs `2i` (low half) and `2i + 1` (high half) for one output column.
-    panels: Vec<u32>,
+/// A 16-bit float format weights are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    F16,
+    Bf16,
 }
 
-impl PackedBf16 {
+/// Bytes a [`Bf16Matrix`] reads where they are (a file's memory map).
+pub trait HeldBytes: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    /// Called after each product: a map can hand its pages back to the system here, so
+    /// the weights take memory only while they are multiplied.
+    fn release(&self) {}
+}
+
+impl HeldBytes for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// A `[n, k]` weight (row-major, one row per output) for [`Bf16Matrix::matmul`].
+pub struct Bf16Matrix {
+    n: usize,
+    k: usize,
+    weights: Weights,
+}
+
+enum Weights {
+    /// `[n / NR (rounded up)][k / 2 (rounded up)][NR]`: each u32 holds the bf16 weights of
+    /// inputs `2i` (low half) and `2i + 1` (high half) for one output column.
+    Packed(Vec<u32>),
+    /// `n` rows of `k` 16-bit values, little-endian.
+    Rows(Half, Box<dyn HeldBytes>),
+}
+
+impl Bf16Matrix {
     /// Whether this CPU runs the kernel (AVX-512 F and BF16).
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -67,7 +98,19 @@ impl PackedBf16 {
                 panels[base + p * NR] = at(r, 2 * p) | (at(r, 2 * p + 1) << 16);
             }
         }
-        PackedBf16 { n, k, panels }
+        Bf16Matrix { n, k, weights: Weights::Packed(panels) }
+    }
+
+    /// The `n × k` matrix stored row-major in `bytes` as `half` values, used in place.
+    /// `None` unless `bytes` is exactly that size.
+    pub fn in_place(half: Half, n: usize, k: usize, bytes: Box<dyn HeldBytes>) -> Option<Self> {
+        let fits = bytes.bytes().len() == n * k * 2 && cfg!(target_endian = "little");
+        fits.then(|| Bf16Matrix { n, k, weights: Weights::Rows(half, bytes) })
+    }
+
+    /// Whether the weights are read in place rather than held packed.
+    pub fn is_in_place(&self) -> bool {
+        matches!(self.weights, Weights::Rows(..))
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -75,12 +118,12 @@ impl PackedBf16 {
     }
 
     /// `out[i][j] = Σ_c x[i][c] · w[j][c]` for `m` rows of `x` (`m × k`), `out` `m × n`,
-    /// spread over the executor's threads. Panics unless [`PackedBf16::available`].
+    /// spread over the executor's threads. Panics unless [`Bf16Matrix::available`].
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         self.matmul_on(x, m, out, true)
     }
 
-    /// [`PackedBf16::matmul`], on the calling thread alone unless `parallel`.
+    /// [`Bf16Matrix::matmul`], on the calling thread alone unless `parallel`.
     pub fn matmul_on(&self, x: &[f32], m: usize, out: &mut [f32], parallel: bool) {
         assert!(Self::available(), "bf16 matmul: this CPU lacks AVX512-BF16");
         let (n, k, pairs) = (self.n, self.k, self.k.div_ceil(2));
@@ -98,9 +141,19 @@ impl PackedBf16 {
         let out = OutPtr(out.as_mut_ptr());
         let task = |panels: Range<usize>| {
             let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
+            let mut scratch = Vec::new();
             for p in panels {
-                let b = &self.panels[p * pairs * NR..][..pairs * NR];
                 let cols = (n - p * NR).min(NR);
+                let b: &[u32] = match &self.weights {
+                    Weights::Packed(all) => &all[p * pairs * NR..][..pairs * NR],
+                    Weights::Rows(half, bytes) => {
+                        scratch.resize(pairs * NR, 0);
+                        let rows = &bytes.bytes()[p * NR * k * 2..(p * NR + cols) * k * 2];
+                        // SAFETY: AVX512-BF16 was checked; `rows` holds `cols` rows of `k`.
+                        unsafe { x86::pack_panel(*half, rows, k, &mut scratch) };
+                        &scratch
+                    }
+                };
                 for i0 in (0..m).step_by(MR) {
                     // SAFETY: AVX512-BF16 was checked; tile (i0, p) is written by this task only.
                     unsafe { x86::tile(&a[i0 * pairs..(i0 + MR) * pairs], pairs, b, base.0.add(i0 * n + p * NR), n, (m - i0).min(MR), cols) };
@@ -114,13 +167,16 @@ impl PackedBf16 {
         } else {
             (exec.run)(tasks, &task);
         }
+        if let Weights::Rows(_, bytes) = &self.weights {
+            bytes.release();
+        }
     }
 }
 
 /// Attention among `t` tokens with every token seeing every other (vision towers), its two
 /// products in bf16: `q`, `k`, `v` and `out` are `[t, heads, d]`, as the projections
 /// produce them. One task per head; the scores are a `t × t` f32 matrix per task, with the
-/// softmax in f32; the shape is `[t, heads, d]`. Panics unless [`PackedBf16::available`].
+/// softmax in f32; the shape is `[t, heads, d]`. Panics unless [`Bf16Matrix::available`].
 pub fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], [t, heads, d]: [usize; 3], scale: f32, out: &mut [f32]) {
     cross_attention_bf16(q, k, v, [t, t, heads, d], scale, out)
 }
@@ -128,7 +184,7 @@ pub fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], [t, heads, d]: [usize; 3]
 /// [`attention_bf16`] with `tq` query rows over `tk` other keys and values: `q` and `out`
 /// are `[tq, heads, d]`, `k` and `v` `[tk, heads, d]`.
 pub fn cross_attention_bf16(q: &[f32], k: &[f32], v: &[f32], [tq, tk, heads, d]: [usize; 4], scale: f32, out: &mut [f32]) {
-    assert!(PackedBf16::available(), "bf16 attention: this CPU lacks AVX512-BF16");
+    assert!(Bf16Matrix::available(), "bf16 attention: this CPU lacks AVX512-BF16");
     let (qlen, klen) = (tq * heads * d, tk * heads * d);
     assert!(q.len() >= qlen && k.len() >= klen && v.len() >= klen && out.len() >= qlen, "bf16 attention: [{tq}/{tk}, {heads}, {d}] inputs");
     let at = |x: &[f32], i: usize, h: usize, c: usize| x[(i * heads + h) * d + c];
@@ -142,9 +198,9 @@ pub fn cross_attention_bf16(q: &[f32], k: &[f32], v: &[f32], [tq, tk, heads, d]:
             for (i, row) in qh.chunks_exact_mut(d).enumerate() {
                 row.iter_mut().enumerate().for_each(|(c, o)| *o = at(q, i, h, c) * scale);
             }
-            PackedBf16::pack_with(tk, d, |j, c| at(k, j, h, c)).matmul_on(&qh, tq, &mut scores, false);
+            Bf16Matrix::pack_with(tk, d, |j, c| at(k, j, h, c)).matmul_on(&qh, tq, &mut scores, false);
             scores.chunks_exact_mut(tk).for_each(crate::attention::softmax_in_place);
-            PackedBf16::pack_with(d, tk, |c, j| at(v, j, h, c)).matmul_on(&scores, tq, &mut y, false);
+            Bf16Matrix::pack_with(d, tk, |c, j| at(v, j, h, c)).matmul_on(&scores, tq, &mut y, false);
             for (i, row) in y.chunks_exact(d).enumerate() {
                 // SAFETY: head h's columns of every row are written by this task only.
                 unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), base.0.add((i * heads + h) * d), d) };
@@ -163,7 +219,7 @@ pub fn cross_attention_bf16(q: &[f32], k: &[f32], v: &[f32], [tq, tk, heads, d]:
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{bf16_bits, MR, NR};
+    use super::{bf16_bits, Half, MR, NR};
 
     /// `x` rounded to bf16 (round to nearest even, as [`bf16_bits`]) into `out`, two per
     /// u32, the first in the low half; an odd tail's high half is 0.
@@ -181,6 +237,84 @@ mod x86 {
             let high = pair.get(1).map_or(0, |&v| bf16_bits(v) as u32);
             out[j / 2 + p] = bf16_bits(pair[0]) as u32 | (high << 16);
         }
+    }
+
+    /// `rows` (up to `NR` rows of `k` 16-bit values) packed into `panel` (`k / 2` rounded
+    /// up, times `NR`), the layout of [`super::Bf16Matrix`]'s packed weights, f16 rounded to
+    /// bf16 as [`bf16_bits`] does. Columns past the last row are zero. Blocks of 16 rows ×
+    /// 16 pairs are loaded a row each and transposed in registers.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_panel(half: Half, rows: &[u8], k: usize, panel: &mut [u32]) {
+        let pairs = k.div_ceil(2);
+        let cols = rows.len() / (2 * k.max(1));
+        for c0 in (0..NR).step_by(16) {
+            for q in (0..pairs).step_by(16) {
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (i, reg) in r.iter_mut().enumerate().filter(|(i, _)| c0 + i < cols) {
+                    *reg = pairs16(half, &rows[(c0 + i) * 2 * k..(c0 + i + 1) * 2 * k], q);
+                }
+                let t = transpose16(r);
+                for (i, v) in t.iter().enumerate().take(pairs - q) {
+                    _mm512_storeu_si512(panel.as_mut_ptr().add((q + i) * NR + c0) as *mut __m512i, *v);
+                }
+            }
+        }
+    }
+
+    /// Pairs `q..q + 16` of `row` (16-bit values, two per pair) as bf16 pairs, zero past
+    /// the row's end.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pairs16(half: Half, row: &[u8], q: usize) -> __m512i {
+        let (mut buf, start) = ([0u8; 64], 4 * q);
+        let have = row.len().saturating_sub(start).min(64);
+        let src = if have == 64 {
+            row.as_ptr().add(start)
+        } else {
+            buf[..have].copy_from_slice(&row[start..start + have]);
+            buf.as_ptr()
+        };
+        match half {
+            Half::Bf16 => _mm512_loadu_si512(src as *const __m512i),
+            Half::F16 => {
+                let lo = _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i));
+                let hi = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(32) as *const __m256i));
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+            }
+        }
+    }
+
+    /// A 16 × 16 transpose of 32-bit lanes: lane j of `r[i]` becomes lane i of result j.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        // Within each 128-bit lane: pairs of rows interleaved, then quads.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + j], 128-bit lane L: lane 4L + j of rows 4i..4i + 4.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Then a 4 × 4 transpose of 128-bit lanes across u[j], u[4 + j], u[8 + j], u[12 + j].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for j in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
+            let v1 = _mm512_shuffle_i32x4::<0xee>(u[j], u[4 + j]);
+            let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
+            let v3 = _mm512_shuffle_i32x4::<0xee>(u[8 + j], u[12 + j]);
+            out[j] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+            out[4 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, v2);
+            out[8 + j] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+            out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, v3);
+        }
+        out
     }
 
     /// One `MR × NR` tile over all `pairs`: `a` holds `MR` rows of `pairs` u32, `b` the
@@ -233,7 +367,7 @@ mod tests {
 
     #[test]
     fn attention_matches_f64_within_bf16_rounding() {
-        if !PackedBf16::available() {
+        if !Bf16Matrix::available() {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return;
         }
@@ -270,7 +404,7 @@ mod tests {
     /// The vector conversion rounds exactly as the scalar one, ties and odd tails included.
     #[test]
     fn vector_rounding_equals_scalar() {
-        if !PackedBf16::available() {
+        if !Bf16Matrix::available() {
             return;
         }
         let x: Vec<f32> = (0..101).map(|i| 1.0 + (i as f32) / 512.0 - (i % 7) as f32 * 3.3).collect();
@@ -283,10 +417,43 @@ mod tests {
         }
     }
 
+    /// Weights read in place (f16 or bf16 rows) give exactly the products of the same
+    /// values packed at load, on ragged shapes: panels cut short, odd widths, tails of
+    /// fewer than 16 pairs.
+    #[test]
+    fn in_place_rows_equal_packed() {
+        if !Bf16Matrix::available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let mut seed = 5u64;
+        let mut rnd = |n: usize| uniform(n, &mut seed);
+        for (m, n, k) in [(1, 1, 1), (3, 5, 7), (9, 33, 65), (17, 70, 128), (8, 64, 31), (40, 96, 1280)] {
+            let x = rnd(m * k);
+            // Some tiny values: f16 subnormals widen exactly.
+            let w: Vec<f32> = rnd(n * k).iter().enumerate().map(|(i, v)| if i % 11 == 0 { v * 1e-6 } else { *v }).collect();
+            let f16s: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let bf16s: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let cases: [(Half, Vec<u8>, Vec<f32>); 2] = [
+                (Half::F16, f16s.iter().flat_map(|v| v.to_le_bytes()).collect(), f16s.iter().map(|v| v.to_f32()).collect()),
+                (Half::Bf16, bf16s.iter().flat_map(|v| v.to_le_bytes()).collect(), bf16s.iter().map(|v| v.to_f32()).collect()),
+            ];
+            for (half, bytes, values) in cases {
+                let mut want = vec![f32::NAN; m * n];
+                Bf16Matrix::pack(&values, n, k).matmul(&x, m, &mut want);
+                let held = Bf16Matrix::in_place(half, n, k, Box::new(bytes)).expect("sizes match");
+                let mut got = vec![f32::NAN; m * n];
+                held.matmul(&x, m, &mut got);
+                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{half:?} {m}×{n}×{k}");
+            }
+        }
+        assert!(Bf16Matrix::in_place(Half::F16, 2, 3, Box::new(vec![0u8; 10])).is_none(), "a short buffer is refused");
+    }
+
     /// The kernel against an f64 product of the same bf16-rounded values, on ragged shapes.
     #[test]
     fn matches_reference_on_ragged_shapes() {
-        if !PackedBf16::available() {
+        if !Bf16Matrix::available() {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return;
         }
@@ -295,7 +462,7 @@ mod tests {
         for (m, n, k) in [(1, 1, 1), (3, 5, 7), (8, 32, 64), (9, 33, 65), (17, 70, 128), (577, 64, 96), (5, 1024, 1025)] {
             let x = rnd(m * k);
             let w = rnd(n * k);
-            let packed = PackedBf16::pack(&w, n, k);
+            let packed = Bf16Matrix::pack(&w, n, k);
             let mut out = vec![f32::NAN; m * n];
             packed.matmul(&x, m, &mut out);
             let r = |v: f32| bf16_to_f32(bf16_bits(v)) as f64;

@@ -37,7 +37,7 @@ mod gemm512;
 use act::{Act, Layout};
 pub use attention::{attention, attention_with, key_index, AttnShape, KvElem, KEY_BLOCK};
 pub use pointwise::{gelu_tanh, quick_gelu};
-pub use bf16::{attention_bf16, bf16_bits, bf16_to_f32, cross_attention_bf16, PackedBf16};
+pub use bf16::{attention_bf16, bf16_bits, bf16_to_f32, cross_attention_bf16, Bf16Matrix, Half, HeldBytes};
 
 /// The GGML weight types seer multiplies with its own kernels.
 #[allow(non_camel_case_types)]

@@ -332,15 +332,8 @@ impl GgufFile {
     /// file's pages stop counting in this process's memory. The map is read-only and the
     /// file unchanged, so a later read of the range simply faults the pages in again.
     pub fn release(&self, name: &str) {
-        #[cfg(unix)]
-        if let Ok(info) = self.tensor_info(name) {
-            let page = 4096;
-            let start = (info.offset as usize).next_multiple_of(page);
-            let end = (info.offset + info.size) as usize / page * page;
-            if end > start {
-                // SAFETY: a read-only file map: dropping its pages loses nothing.
-                let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
-            }
+        if let Ok(bytes) = self.tensor_mapped(name) {
+            bytes.release_pages();
         }
     }
 
@@ -400,10 +393,42 @@ pub struct MappedBytes {
     len: usize,
 }
 
+impl MappedBytes {
+    /// Tells the system these bytes' pages are not needed for now (those wholly inside
+    /// them). The map is read-only and the file unchanged, so a later read simply maps the
+    /// pages again, from the page cache while they are still there.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        {
+            let page = 4096;
+            let start = self.start.next_multiple_of(page);
+            let end = (self.start + self.len) / page * page;
+            if end > start {
+                // SAFETY: a read-only file map: dropping its pages loses nothing.
+                let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+    }
+}
+
 impl std::ops::Deref for MappedBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         &self.map[self.start..self.start + self.len]
+    }
+}
+
+/// A vision weight read in place by the bf16 kernel gives its pages back after each
+/// product: a tower's weights then take memory one matrix at a time, and only while
+/// images are encoded (the pages stay in the page cache; the next product maps them
+/// again without reading the file).
+impl seer_kernels::HeldBytes for MappedBytes {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+
+    fn release(&self) {
+        self.release_pages();
     }
 }
 

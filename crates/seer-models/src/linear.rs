@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
-use seer_kernels::{PackedBf16, QuantType};
+use seer_kernels::{Bf16Matrix, QuantType};
 
 use crate::gguf::MappedBytes;
 
@@ -18,8 +18,9 @@ pub enum LinearWeight {
     Ggml(Arc<QuantMatrix>),
     /// Other GGML types, through candle's kernels.
     Quantized(QMatMul),
-    /// `[out, in]` rounded to bf16 and packed for seer-kernels' AVX512-BF16 product.
-    Bf16(Arc<PackedBf16>),
+    /// `[out, in]` for seer-kernels' AVX512-BF16 product: rounded to bf16 and packed at
+    /// load, or read in place from a file that stores it in 16 bits.
+    Bf16(Arc<Bf16Matrix>),
 }
 
 impl LinearWeight {
@@ -232,7 +233,7 @@ impl Linear {
 }
 
 /// `x · Wᵀ` in bf16 through seer-kernels, reading candle's storage in place.
-struct Bf16MatMul(Arc<PackedBf16>);
+struct Bf16MatMul(Arc<Bf16Matrix>);
 
 impl CustomOp1 for Bf16MatMul {
     fn name(&self) -> &'static str {

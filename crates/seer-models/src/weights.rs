@@ -17,7 +17,7 @@ use memmap2::{Mmap, UncheckedAdvice};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::linear::{quant_type, Linear, LinearWeight, QuantMatrix};
-use seer_kernels::PackedBf16;
+use seer_kernels::{Bf16Matrix, Half, HeldBytes};
 
 /// A weight as stored: dense (upcast to f32) or in a ggml quantized type.
 pub enum Stored {
@@ -39,6 +39,11 @@ pub trait TensorSource: Send + Sync {
     fn load_rows(&self, _name: &str, _rows: std::ops::Range<usize>) -> Result<Option<Vec<f32>>> {
         Ok(None)
     }
+    /// The 2-D tensor `name` as its 16-bit values in place (a file's map), where it is
+    /// stored that way and the source can lend its bytes; `None` otherwise.
+    fn in_place_half(&self, _name: &str) -> Result<Option<(Half, Box<dyn HeldBytes>)>> {
+        Ok(None)
+    }
 }
 
 /// A view of a [`TensorSource`] under a name prefix, like candle's `VarBuilder`.
@@ -50,7 +55,9 @@ pub struct Vb {
     /// this type as they load (one tensor at a time, so two full copies never coexist).
     isq: Option<GgmlDType>,
     /// Dense matrices read through this view are rounded to bf16 and multiplied by the
-    /// AVX512-BF16 kernel (vision towers whose weights ship in 16 bits anyway).
+    /// AVX512-BF16 kernel (vision towers whose weights ship in 16 bits anyway); those a
+    /// GGUF file stores in f16 or bf16 are read in place, their pages handed back after
+    /// each product.
     bf16: bool,
 }
 
@@ -67,7 +74,7 @@ impl Vb {
     /// The same view with its dense matrices in bf16 (ignored where the CPU lacks
     /// AVX512-BF16).
     pub fn with_bf16(&self, bf16: bool) -> Vb {
-        Vb { bf16: bf16 && PackedBf16::available(), ..self.clone() }
+        Vb { bf16: bf16 && Bf16Matrix::available(), ..self.clone() }
     }
 
     /// Descends one level: `vb.pp("layers").pp(3)` names `layers.3.*`.
@@ -148,10 +155,18 @@ impl Vb {
         Ok(Linear::new(weight, bias))
     }
 
-    /// The weight as stored: dense (f32, or bf16 for this view), or quantized in its file.
+    /// The weight as stored: dense (f32, or bf16 for this view: in place when the file
+    /// holds it in 16 bits), or quantized in its file.
     fn dense_or_stored(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
+        if self.bf16 {
+            if let Some((half, bytes)) = self.src.in_place_half(name)? {
+                if let Some(m) = Bf16Matrix::in_place(half, out_dim, in_dim, bytes) {
+                    return Ok(LinearWeight::Bf16(Arc::new(m)));
+                }
+            }
+        }
         Ok(match self.src.load(name)? {
-            Stored::Dense(t) if self.bf16 => LinearWeight::Bf16(Arc::new(with_f32_slice(&t, |w| PackedBf16::pack(w, out_dim, in_dim))?)),
+            Stored::Dense(t) if self.bf16 => LinearWeight::Bf16(Arc::new(with_f32_slice(&t, |w| Bf16Matrix::pack(w, out_dim, in_dim))?)),
             Stored::Dense(t) => LinearWeight::Dense(t),
             Stored::Ggml(q) => LinearWeight::Ggml(Arc::new(q)),
             Stored::Quantized(q) => LinearWeight::quantized(q)?,
@@ -520,5 +535,18 @@ impl TensorSource for GgufSource {
         };
         self.file.release(&gname);
         Ok(stored)
+    }
+
+    fn in_place_half(&self, name: &str) -> Result<Option<(Half, Box<dyn HeldBytes>)>> {
+        let gname = self.gguf_name(name)?;
+        let half = match self.file.tensor_dtype(&gname)? {
+            GgmlDType::F16 => Half::F16,
+            GgmlDType::BF16 => Half::Bf16,
+            _ => return Ok(None),
+        };
+        if self.file.tensor_shape(&gname)?.len() != 2 {
+            return Ok(None);
+        }
+        Ok(Some((half, Box::new(self.file.tensor_mapped(&gname)?))))
     }
 }
