@@ -18,6 +18,7 @@ pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod llava_next;
+pub mod mapped;
 pub mod mllama;
 pub mod qwen2vl;
 pub mod weights;

@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use seer_kernels::{Bf16Matrix, QuantType};
 
-use crate::gguf::MappedBytes;
+use crate::mapped::MappedBytes;
 
 pub enum LinearWeight {
     /// `[out, in]`, f32.

@@ -17,6 +17,7 @@ use memmap2::{Mmap, UncheckedAdvice};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::linear::{quant_type, Linear, LinearWeight, QuantMatrix};
+use crate::mapped::MappedBytes;
 use seer_kernels::{Bf16Matrix, Half, HeldBytes};
 
 /// A weight as stored: dense (upcast to f32) or in a ggml quantized type.
@@ -55,9 +56,9 @@ pub struct Vb {
     /// this type as they load (one tensor at a time, so two full copies never coexist).
     isq: Option<GgmlDType>,
     /// Dense matrices read through this view are rounded to bf16 and multiplied by the
-    /// AVX512-BF16 kernel (vision towers whose weights ship in 16 bits anyway); those a
-    /// GGUF file stores in f16 or bf16 are read in place, their pages handed back after
-    /// each product.
+    /// AVX512-BF16 kernel (vision towers whose weights ship in 16 bits anyway); those the
+    /// file stores in f16 or bf16 are read in place, their pages handed back after each
+    /// product.
     bf16: bool,
 }
 
@@ -255,10 +256,11 @@ fn quantize_blocks(dtype: GgmlDType, xs: &[f32]) -> Vec<u8> {
 
 /// One or several `.safetensors` files, memory-mapped. Every tensor is copied out (to f32,
 /// bf16 or quantized) as it loads, and its pages are then handed back to the kernel, so an
-/// 11B checkpoint quantized at load never sits in the process's memory as a whole.
+/// 11B checkpoint quantized at load never sits in the process's memory as a whole; or, for
+/// 16-bit matrices of a bf16 view, read in place.
 pub struct SafetensorsSource {
     files: Vec<PathBuf>,
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
     tensors: HashMap<String, TensorEntry>,
 }
 
@@ -291,7 +293,7 @@ impl SafetensorsSource {
                 let entry = TensorEntry { file: i, dtype: info.dtype, shape: info.shape.clone(), start: 8 + header_len + start, end: 8 + header_len + end };
                 tensors.entry(name).or_insert(entry);
             }
-            maps.push(map);
+            maps.push(Arc::new(map));
         }
         Ok(SafetensorsSource { files: files.to_vec(), maps, tensors })
     }
@@ -443,6 +445,19 @@ impl TensorSource for SafetensorsSource {
         }
         let row_bytes = cols * e.dtype.bitsize() / 8;
         Ok(Some(self.read_f32(name, e, e.start + rows.start * row_bytes..e.start + rows.end * row_bytes)?))
+    }
+
+    fn in_place_half(&self, name: &str) -> Result<Option<(Half, Box<dyn HeldBytes>)>> {
+        let e = self.entry(name)?;
+        let half = match e.dtype {
+            safetensors::Dtype::F16 => Half::F16,
+            safetensors::Dtype::BF16 => Half::Bf16,
+            _ => return Ok(None),
+        };
+        if e.shape.len() != 2 {
+            return Ok(None);
+        }
+        Ok(Some((half, Box::new(MappedBytes::new(self.maps[e.file].clone(), e.start..e.end)))))
     }
 }
 
