@@ -8,9 +8,10 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
     let family = hf_family(&config)?;
     let files = llava::safetensors_files(dir)?;
     let src = Arc::new(SafetensorsSource::open(&files)?);
-    // With ISQ the language model ends up quantized and the vision tower in bf16 (or f32):
-    // a quarter of a byte per weight on top covers the tower and the working memory (an
-    // 11B Llama 3.2 Vision with q4k: 8.7 GB estimated, 8.3 GiB measured at its peak).
+    // With ISQ the language model ends up quantized and the vision tower in bf16 (read in
+    // place where the checkpoint is 16-bit) or f32: a quarter of a byte per weight on top
+    // covers the tower and the working memory, with room to spare (an 11B Llama 3.2 Vision
+    // with q4k: 8.7 GB estimated, 6.7 GiB = 7.3 GB measured at its peak).
     let need = match isq {
         Some(q) => (src.f32_bytes() as f64 / 4.0 * (q.bytes_per_weight() + 0.25)) as u64,
         None => src.f32_bytes(),
