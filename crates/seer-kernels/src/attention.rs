@@ -10,7 +10,9 @@
 //! see [`key_index`]): sixteen scores then come out of one register per dimension, with no
 //! horizontal sum per key. One task is one
 //! query head over a block of query rows; tasks are claimed dynamically, which evens out
-//! the causal triangle's uneven rows.
+//! the causal triangle's uneven rows. A single query row on AVX-512 (a decode step) takes
+//! `decode_attention` instead: key/value heads read once for all the query heads they
+//! serve, keys split into runs across the threads.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -120,6 +122,10 @@ pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v:
     if s.kv_len == 0 {
         out[..s.t * s.heads * d].fill(0.0);
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && s.t == 1 && d.is_multiple_of(16) && s.heads / s.kv_heads <= crate::decode_attention::MAX_GROUP {
+        return crate::decode_attention::attention(s, q, k, v, out);
     }
     let blocks = s.t.div_ceil(QUERY_BLOCK);
     let tasks = s.heads * blocks;
@@ -530,6 +536,26 @@ mod tests {
         assert_eq!(s.keys(3), 0..9, "an image's first token sees its whole image");
         assert_eq!(s.keys(25), 14..40, "window start, image end");
         assert_eq!(s.keys(44), 33..45);
+    }
+
+    /// Decode steps over long caches: grouped heads (1, 3, 6 and 8 per key/value head) over
+    /// keys split into runs, windows starting mid block, partial last blocks.
+    #[test]
+    fn long_decode_steps_match_reference() {
+        let mut n = 0;
+        for (heads, kv_heads) in [(4, 4), (9, 3), (12, 2), (8, 1), (18, 1)] {
+            for d in [16, 64, 128] {
+                for (kv_len, stride) in [(700, 704), (1031, 1040), (64, 64)] {
+                    for window in [0, 100, 333] {
+                        let s = AttnShape { t: 1, heads, kv_heads, head_dim: d, kv_len, kv_stride: stride, causal: true, scale: 1.0 / (d as f32).sqrt(), window, blocks: &[] };
+                        check::<half::f16>(s, 20_000 + n);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        let s = AttnShape { t: 1, heads: 6, kv_heads: 2, head_dim: 64, kv_len: 517, kv_stride: 528, causal: false, scale: 0.125, window: 0, blocks: &[] };
+        check::<f32>(s, 99);
     }
 
     #[test]

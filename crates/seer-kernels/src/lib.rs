@@ -32,6 +32,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod decode_attention;
+#[cfg(target_arch = "x86_64")]
 mod gemm512;
 
 use act::{Act, Layout};
