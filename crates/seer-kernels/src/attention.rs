@@ -131,19 +131,7 @@ pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v:
     let tasks = s.heads * blocks;
     let out = OutPtr(out.as_mut_ptr());
     let task = |range: Range<usize>| {
-        thread_local! {
-            static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        }
-        SCORES.with(|cell| {
-            let mut own = Vec::new();
-            let mut guard = cell.try_borrow_mut();
-            let scores = match guard.as_deref_mut() {
-                Ok(v) => v,
-                Err(_) => &mut own,
-            };
-            if scores.len() < s.kv_len {
-                scores.resize(s.kv_len, 0.0);
-            }
+        with_scores(s.kv_len, |scores| {
             for task in range {
                 // Heads vary fastest, so the first tasks spread over different heads.
                 let (h, b) = (task % s.heads, task / s.heads);
@@ -171,6 +159,25 @@ pub fn attention_with<T: KvElem>(isa: Isa, s: &AttnShape, q: &[f32], k: &[T], v:
     } else {
         (exec.run)(tasks, &task);
     }
+}
+
+/// `f` on this thread's score buffer, at least `len` long (a fresh one on a nested call).
+pub(crate) fn with_scores<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    SCORES.with(|cell| {
+        let mut own = Vec::new();
+        let mut guard = cell.try_borrow_mut();
+        let scores = match guard.as_deref_mut() {
+            Ok(v) => v,
+            Err(_) => &mut own,
+        };
+        if scores.len() < len {
+            scores.resize(len, 0.0);
+        }
+        f(&mut scores[..len])
+    })
 }
 
 /// One query row of one head against `scores.len()` rows of `k` and `v`, leaving out the
@@ -230,7 +237,7 @@ fn row_scalar<T: KvElem>(q: &[f32], k: &[T], v: &[T], scale: f32, scores: &mut [
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::exp512;
+pub(crate) use x86::{exp512, load16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -238,8 +245,9 @@ mod x86 {
 
     use super::KvElem;
 
+    /// Sixteen cache values as f32.
     #[inline(always)]
-    unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
+    pub(crate) unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
         if T::F16 {
             _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
         } else {

@@ -253,7 +253,7 @@ mod x86 {
                 for (i, reg) in r.iter_mut().enumerate().filter(|(i, _)| c0 + i < cols) {
                     *reg = pairs16(half, &rows[(c0 + i) * 2 * k..(c0 + i + 1) * 2 * k], q);
                 }
-                let t = transpose16(r);
+                let t = crate::gemm512::transpose16(r);
                 for (i, v) in t.iter().enumerate().take(pairs - q) {
                     _mm512_storeu_si512(panel.as_mut_ptr().add((q + i) * NR + c0) as *mut __m512i, *v);
                 }
@@ -282,39 +282,6 @@ mod x86 {
                 std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
             }
         }
-    }
-
-    /// A 16 × 16 transpose of 32-bit lanes: lane j of `r[i]` becomes lane i of result j.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-        // Within each 128-bit lane: pairs of rows interleaved, then quads.
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        // u[4i + j], 128-bit lane L: lane 4L + j of rows 4i..4i + 4.
-        let mut u = [_mm512_setzero_si512(); 16];
-        for i in 0..4 {
-            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        // Then a 4 × 4 transpose of 128-bit lanes across u[j], u[4 + j], u[8 + j], u[12 + j].
-        let mut out = [_mm512_setzero_si512(); 16];
-        for j in 0..4 {
-            let v0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
-            let v1 = _mm512_shuffle_i32x4::<0xee>(u[j], u[4 + j]);
-            let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
-            let v3 = _mm512_shuffle_i32x4::<0xee>(u[8 + j], u[12 + j]);
-            out[j] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
-            out[4 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, v2);
-            out[8 + j] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
-            out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, v3);
-        }
-        out
     }
 
     /// One `MR × NR` tile over all `pairs`: `a` holds `MR` rows of `pairs` u32, `b` the

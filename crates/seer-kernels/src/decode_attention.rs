@@ -6,10 +6,9 @@
 //! two or three key/value heads. Each task leaves, per query head, its run's unnormalized
 //! output, score maximum and sum of exponentials; the runs are then merged.
 
-use std::cell::RefCell;
 use std::ops::Range;
 
-use crate::attention::{AttnShape, KvElem, KEY_BLOCK};
+use crate::attention::{with_scores, AttnShape, KvElem, KEY_BLOCK};
 use crate::{executor, OutPtr};
 
 /// Query heads per key/value head that this path takes (larger groups use the general one).
@@ -40,18 +39,8 @@ pub(crate) fn attention<T: KvElem>(s: &AttnShape, q: &[f32], k: &[T], v: &[T], o
     let mut parts = vec![0f32; runs * s.heads * part_len];
     let parts_ptr = OutPtr(parts.as_mut_ptr());
     let task = |range: Range<usize>| {
-        thread_local! {
-            static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        }
         let base = &parts_ptr; // the whole OutPtr, not its raw field, is shared with the tasks
-        SCORES.with(|cell| {
-            let mut own = Vec::new();
-            let mut guard = cell.try_borrow_mut();
-            let scores = match guard.as_deref_mut() {
-                Ok(v) => v,
-                Err(_) => &mut own,
-            };
-            scores.resize(group * per_task * KEY_BLOCK, 0.0);
+        with_scores(group * per_task * KEY_BLOCK, |scores| {
             for i in range {
                 // Key/value heads vary fastest, so the first tasks spread over the heads.
                 let (g, r) = (i % s.kv_heads, i / s.kv_heads);
@@ -113,16 +102,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Run, MAX_GROUP};
-    use crate::attention::{exp512, KvElem, KEY_BLOCK};
-
-    #[inline(always)]
-    unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
-        if T::F16 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-        } else {
-            _mm512_loadu_ps(p as *const f32)
-        }
-    }
+    use crate::attention::{exp512, load16, KvElem, KEY_BLOCK};
 
     /// [`run`] with the group size as a constant, so its accumulators stay in registers.
     #[allow(clippy::too_many_arguments)]

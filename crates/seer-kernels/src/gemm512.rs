@@ -154,8 +154,8 @@ unsafe fn pack_panel(t: QuantType, w: *const u8, row_bytes: usize, valid: usize,
 
 /// Transposes 16 registers of 16 dwords: output `c` holds dword `c` of every input.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
         t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
