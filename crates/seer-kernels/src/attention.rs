@@ -166,13 +166,7 @@ pub(crate) fn with_scores<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     thread_local! {
         static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
-    SCORES.with(|cell| {
-        let mut own = Vec::new();
-        let mut guard = cell.try_borrow_mut();
-        let scores = match guard.as_deref_mut() {
-            Ok(v) => v,
-            Err(_) => &mut own,
-        };
+    crate::with_local(&SCORES, |scores| {
         if scores.len() < len {
             scores.resize(len, 0.0);
         }

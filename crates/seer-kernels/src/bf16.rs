@@ -108,11 +108,6 @@ impl Bf16Matrix {
         fits.then(|| Bf16Matrix { n, k, weights: Weights::Rows(half, bytes) })
     }
 
-    /// Whether the weights are read in place rather than held packed.
-    pub fn is_in_place(&self) -> bool {
-        matches!(self.weights, Weights::Rows(..))
-    }
-
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }

@@ -65,13 +65,7 @@ thread_local! {
 pub(crate) unsafe fn run(job: &Job, act: &Act, r0: usize, r1: usize, out: OutPtr) {
     let nb = job.cols / job.t.block_size();
     let lines = nb * packed_block_bytes(job.t) / 64;
-    PACK.with(|cell| {
-        let mut fresh = Vec::new();
-        let mut guard = cell.try_borrow_mut();
-        let pack = match guard.as_deref_mut() {
-            Ok(p) => p,
-            Err(_) => &mut fresh,
-        };
+    crate::with_local(&PACK, |pack| {
         if pack.len() < lines {
             pack.resize(lines, Line([0; 64]));
         }

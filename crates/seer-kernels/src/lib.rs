@@ -303,12 +303,17 @@ pub fn matmul_with(
         static ACT: RefCell<Act> = RefCell::new(Act::default());
     }
     let job = Job { isa, t, w: &weights[..rows * row_bytes], rows, cols, n };
-    ACT.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut act) => job.run(&mut act, x, out),
-        // Re-entered on this thread (a pool worker running another product while it waits):
-        // use a scratch of its own.
-        Err(_) => job.run(&mut Act::default(), x, out),
-    });
+    with_local(&ACT, |act| job.run(act, x, out));
+}
+
+/// `f` on this thread's value of `key` (a scratch buffer reused from call to call), or on a
+/// fresh one when this thread is already using it: re-entered, as a pool worker running
+/// another product while it waits.
+pub(crate) fn with_local<T: Default, R>(key: &'static std::thread::LocalKey<RefCell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut T::default()),
+    })
 }
 
 /// Several products of one activation row with different weights (a layer's q, k and v,
@@ -343,13 +348,7 @@ pub fn matmul_many(parts: &[(QuantType, &[u8], usize)], cols: usize, x: &[f32], 
     thread_local! {
         static MANY: RefCell<Act> = RefCell::new(Act::default());
     }
-    MANY.with(|cell| {
-        let mut own = Act::default();
-        let mut guard = cell.try_borrow_mut();
-        let act = match guard.as_deref_mut() {
-            Ok(a) => a,
-            Err(_) => &mut own,
-        };
+    with_local(&MANY, |act| {
         act.prepare(layout.expect("at least one part"), &x[..cols], 1, cols, None);
         let act: &Act = act;
         let run = |range: std::ops::Range<usize>| {
