@@ -78,6 +78,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     out.insert("load_ms".into(), json!(load_ms));
     out.insert("peak_rss_mib".into(), json!(peak_rss_mib()));
     out.insert("repeats".into(), json!(args.repeat));
+    // Where the matrix products ran (`--device`).
+    out.insert("device".into(), json!(args.model.device));
     if args.json {
         println!("{}", Value::Object(out));
     } else {

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use seer_engine::{hub, KvType, GenerateRequest, Isq, LoadOptions, Message, Role, SamplingParams, VisionDtype, Vlm};
+use seer_engine::{hub, parse_device, GenerateRequest, Isq, KvType, LoadOptions, Message, Role, SamplingParams, VisionDtype, Vlm};
 use seer_server::{Limits, ServeOptions};
 use seer_vision::{ImageInput, ImageLimits};
 
@@ -107,17 +107,22 @@ struct ModelArgs {
     /// Qwen2-VL from GGUF: the most image tokens an image becomes (default 4096).
     #[arg(long)]
     image_max_tokens: Option<usize>,
+    /// Where the matrix products run: cpu (seer's kernels), or cuda / cuda:N (a GPU holds
+    /// the weights; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl ModelArgs {
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions {
+    fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
             isq: self.isq,
             vision: self.vision_dtype,
             kv_cache: self.kv_cache,
             image_min_tokens: self.image_min_tokens,
             image_max_tokens: self.image_max_tokens,
-        }
+            products_on: parse_device(&self.device)?,
+        })
     }
 }
 
@@ -273,7 +278,7 @@ fn load(args: &ModelArgs) -> Result<(Vlm, f64)> {
     set_threads(args.threads);
     let (model, mmproj) = model_files(args)?;
     let start = Instant::now();
-    let opts = args.load_options();
+    let opts = args.load_options()?;
     let vlm = Vlm::load_with(&model, mmproj.as_deref(), &opts).context("loading the model")?;
     release_load_garbage();
     Ok((vlm, start.elapsed().as_secs_f64() * 1e3))
@@ -379,7 +384,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         model,
         mmproj,
-        load: args.model.load_options(),
+        load: args.model.load_options()?,
         host: args.host,
         port: args.port,
         api_key: args.api_key,

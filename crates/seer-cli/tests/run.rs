@@ -61,8 +61,13 @@ fn sampling_is_reproducible_with_a_seed() {
 
 #[test]
 fn errors_are_one_line_and_exit_nonzero() {
-    let cases: [(&[&str], &str); 3] = [
+    // Without the `cuda` feature, `--device cuda` says how to get it; with it and no GPU,
+    // it names the device it could not open.
+    let no_gpu = if cfg!(feature = "cuda") { "device `cuda:1`" } else { "--features cuda" };
+    let cases: [(&[&str], &str); 5] = [
         (&["run", "--model", "no-such-model", "--prompt", "hi"], "no-such-model"),
+        (&["run", "--model", "tiny-llava-hub", "--device", "tpu", "--prompt", "hi"], "unknown device `tpu`"),
+        (&["run", "--model", "tiny-llava-hub", "--device", "cuda:1", "--prompt", "hi"], no_gpu),
         (&["run", "--model", "tiny-llava-hub", "--image", "README.md", "--prompt", "hi"], "README.md"),
         (&["run", "--model", "gguf/tiny-llava-Q8_0.gguf", "--prompt", "hi"], "--mmproj"),
     ];

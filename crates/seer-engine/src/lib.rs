@@ -19,4 +19,4 @@ pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateRequest, Generation, Usage};
 pub use sampler::SamplingParams;
 pub use seer_models::KvType;
-pub use vlm::{ImageBatch, Isq, LoadOptions, Model, VisionDtype, Vlm};
+pub use vlm::{parse_device, ImageBatch, Isq, LoadOptions, Model, VisionDtype, Vlm};

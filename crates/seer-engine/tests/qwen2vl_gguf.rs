@@ -174,3 +174,25 @@ fn empty_image_token_bounds_are_refused() {
     let err = load("tiny-qwen2-vl", Some((16, 8))).err().expect("16 .. 8 tokens is refused");
     assert!(matches!(err, EngineError::BadRequest(_)) && err.to_string().contains("16..8"), "{err}");
 }
+
+/// The matrix products on a device through candle's kernels (`--device cuda` on a GPU;
+/// here the CPU device, which runs the same loading and the same candle kernels): the
+/// F16 files against transformers, the Q8_0 text model (its tied output matrix copied to
+/// the device beside the table the lookup reads) against llama.cpp.
+#[test]
+fn qwen2_vl_products_through_candle_match_references() {
+    let model = "tiny-qwen2-vl";
+    let on_device = |quant: &str, kv_cache| {
+        let opts = LoadOptions { products_on: Some(candle_core::Device::Cpu), ..options(Some(REFERENCE_TOKENS), kv_cache) };
+        load_quant(model, quant, &opts).expect("GGUF fixture loads")
+    };
+    let (f16, q8) = (on_device("F16", Some(KvType::F32)), on_device("Q8_0", None));
+    for case in ["a_square", "d_two_images"] {
+        let r = reference(model, case);
+        let label = format!("{model} on a device/{case}");
+        check(&f16, &label, messages(&r, &fixtures("qwen2vl")), &ids(&r["prompt_token_ids"]), &ids(&r["hf_same_prompt_greedy_tokens"]));
+        let r = reference_quant(model, "Q8_0", case);
+        let label = format!("{model} Q8_0 on a device/{case}");
+        check(&q8, &label, messages(&r, &fixtures("qwen2vl")), &ids(&r["prompt_token_ids"]), &ids(&r["sampled_ids_inferred"]));
+    }
+}

@@ -18,7 +18,8 @@ fn main() {
     let proj = Arc::new(GgufFile::open(args[2].as_ref()).expect("mmproj"));
     let bf16 = args.get(3).is_none_or(|s| s == "bf16");
     let repeats: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let model = Llava::load_gguf(text, proj, bf16).expect("load");
+    let plan = seer_models::LoadPlan { vision_bf16: bf16, ..Default::default() };
+    let model = Llava::load_gguf(text, proj, &plan).expect("load");
     let size = model.config.vision.image_size;
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, size, size), &Device::Cpu).unwrap();
     for _ in 0..repeats {

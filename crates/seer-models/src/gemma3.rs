@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
@@ -18,7 +17,7 @@ use crate::kv_cache::KvCache;
 use crate::layers::RmsNorm;
 use crate::llama::{Llama, LlamaConfig, GEMMA3_GGUF_NAMES};
 use crate::llava::find_prefix;
-use crate::weights::{GgufNames, GgufSource, SafetensorsSource, Vb};
+use crate::weights::{GgufNames, GgufSource, SafetensorsSource, LoadPlan, Vb};
 
 #[derive(Debug, Clone)]
 pub struct Gemma3Config {
@@ -117,7 +116,7 @@ pub struct Gemma3 {
 
 impl Gemma3 {
     /// From a Hugging Face folder whose `config.json` has been parsed into `config`.
-    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<GgmlDType>, vision_bf16: bool) -> Result<Self> {
+    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, plan: &LoadPlan) -> Result<Self> {
         let c = Gemma3Config::from_hf(config)?;
         if c.text.gemma.is_none() {
             return Err(ModelError::Config("Gemma 3's text_config is not `gemma3_text`".into()));
@@ -126,9 +125,9 @@ impl Gemma3 {
         let vision = find_prefix(&*src, &VISION_PREFIXES, "embeddings.patch_embedding.weight")?;
         let projector = find_prefix(&*src, &PROJECTOR_PREFIXES, "mm_input_projection_weight")?;
         let root = Vb::new(src);
-        let text_vb = root.pp(text).with_isq(isq);
+        let text_vb = root.pp(text).for_text(plan);
         Ok(Gemma3 {
-            vision_tower: VisionTransformer::load(&root.pp(vision).with_bf16(vision_bf16), &c.vision)?,
+            vision_tower: VisionTransformer::load(&root.pp(vision).for_vision(plan), &c.vision)?,
             projector: Projector::load(&root.pp(projector), &c, true)?,
             // The output matrix is the embedding matrix (tied).
             language_model: Llama::load(&text_vb, &text_vb, &c.text)?,
@@ -137,7 +136,7 @@ impl Gemma3 {
     }
 
     /// From a llama.cpp `gemma3` text model and its `gemma3` projector file.
-    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, plan: &LoadPlan) -> Result<Self> {
         let mut vision = ClipVisionConfig::from_gguf(&mmproj)?;
         // The converter marks SigLIP's `gelu_pytorch_tanh` as `clip.use_gelu`.
         vision.hidden_act = Activation::GeluTanh;
@@ -157,9 +156,9 @@ impl Gemma3 {
         }
         let vision_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| idefics3::GGUF_NAMES.map(n)))));
         let projector_vb = Vb::new(Arc::new(GgufSource::new(mmproj, Arc::new(|n: &str| PROJECTOR_GGUF_NAMES.map(n)))));
-        let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| GEMMA3_GGUF_NAMES.map(n)))));
+        let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| GEMMA3_GGUF_NAMES.map(n))))).for_text(plan);
         Ok(Gemma3 {
-            vision_tower: VisionTransformer::load(&vision_vb.pp("vision_model").with_bf16(vision_bf16), &c.vision)?,
+            vision_tower: VisionTransformer::load(&vision_vb.pp("vision_model").for_vision(plan), &c.vision)?,
             projector: Projector::load(&projector_vb, &c, false)?,
             language_model: Llama::load(&text_vb, &text_vb, &c.text)?,
             config: c,

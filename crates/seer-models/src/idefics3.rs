@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
@@ -17,7 +16,7 @@ use crate::layers::LayerNorm;
 use crate::linear::Linear;
 use crate::llama::{self, Llama, LlamaConfig};
 use crate::llava;
-use crate::weights::{GgufNames, GgufSource, SafetensorsSource, Vb};
+use crate::weights::{GgufNames, GgufSource, SafetensorsSource, LoadPlan, Vb};
 
 #[derive(Debug, Clone)]
 pub struct Idefics3Config {
@@ -264,34 +263,34 @@ pub struct Idefics3 {
 
 impl Idefics3 {
     /// From a Hugging Face folder whose `config.json` has been parsed into `config`.
-    /// `isq` quantizes the language model's matrices as they load; the vision tower and
-    /// connector stay dense, in f32, or in bf16 with `vision_bf16`.
-    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<GgmlDType>, vision_bf16: bool) -> Result<Self> {
+    /// `plan.isq` quantizes the language model's matrices as they load; the vision tower
+    /// and connector stay dense, in f32, or in bf16 with `plan.vision_bf16`.
+    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, plan: &LoadPlan) -> Result<Self> {
         let c = Idefics3Config::from_hf(config)?;
         let root = Vb::new(src);
         let model = root.pp("model");
-        Self::load(&model, &model.pp("text_model").with_isq(isq), &root.with_isq(isq), c, vision_bf16)
+        Self::load(&model, &model.pp("text_model").for_text(plan), &root.for_text(plan), c, plan)
     }
 
-    /// From a llama.cpp text model and its Idefics3 projector file; `vision_bf16` runs the
-    /// projector file's matrices in bf16.
-    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
+    /// From a llama.cpp text model and its Idefics3 projector file; `plan.vision_bf16`
+    /// runs the projector file's matrices in bf16.
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, plan: &LoadPlan) -> Result<Self> {
         llava::require_projector_type(&mmproj, "none", "idefics3", "idefics3 (SmolVLM) for an Idefics3 text model")?;
         let c = Idefics3Config::from_gguf(&text, &mmproj)?;
         llava::require_projected_size(&mmproj, &text, mmproj.tensor_shape("mm.model.fc.weight")?[0], c.text.hidden_size)?;
         let model = Vb::new(Arc::new(GgufSource::new(mmproj, Arc::new(|n: &str| GGUF_NAMES.map(n)))));
-        let text = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n)))));
-        Self::load(&model, &text, &text, c, vision_bf16)
+        let text = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n))))).for_text(plan);
+        Self::load(&model, &text, &text, c, plan)
     }
 
     /// `model` holds `vision_model` and `connector`, `text` the decoder, `head` `lm_head`.
-    fn load(model: &Vb, text: &Vb, head: &Vb, c: Idefics3Config, vision_bf16: bool) -> Result<Self> {
+    fn load(model: &Vb, text: &Vb, head: &Vb, c: Idefics3Config, plan: &LoadPlan) -> Result<Self> {
         if c.scale_factor == 0 {
             return Err(ModelError::Config("scale_factor 0: the pixel shuffle needs a factor of at least 1".into()));
         }
         Ok(Idefics3 {
-            vision_model: VisionTransformer::load(&model.pp("vision_model").with_bf16(vision_bf16), &c.vision)?,
-            connector: Connector::load(&model.pp("connector").with_bf16(vision_bf16), &c)?,
+            vision_model: VisionTransformer::load(&model.pp("vision_model").for_vision(plan), &c.vision)?,
+            connector: Connector::load(&model.pp("connector").for_vision(plan), &c)?,
             language_model: Llama::load(text, head, &c.text)?,
             config: c,
         })

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Result as CResult, Tensor, D};
+use candle_core::{Device, Result as CResult, Tensor, D};
 
 use crate::error::Result;
 use crate::linear::{Linear, LinearWeight, QuantMatrix};
@@ -92,12 +92,21 @@ impl Embedding {
         }
     }
 
-    /// The same table used as the output projection (tied embeddings).
-    pub fn as_linear(&self) -> CResult<Linear> {
+    /// The same table used as the output projection (tied embeddings), multiplied on
+    /// `products_on` (a copy there) or by seer's kernels (shared with the lookup).
+    pub fn as_linear(&self, products_on: Option<&Device>) -> CResult<Linear> {
         let weight = match self {
             Embedding::Dense(w) => LinearWeight::Dense(w.clone()),
             Embedding::Ggml(q) => LinearWeight::Ggml(q.clone()),
-            Embedding::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q.clone())?),
+            Embedding::Quantized(q) => LinearWeight::Candle(QMatMul::from_arc(q.clone())?),
+        };
+        let weight = match products_on {
+            Some(device) => match self {
+                // Copied, not moved: the lookup keeps reading the table in place.
+                Embedding::Ggml(q) => LinearWeight::Candle(QMatMul::from_qtensor(q.to_qtensor(device)?)?),
+                _ => weight.to_device(device)?,
+            },
+            None => weight,
         };
         Ok(Linear::new(weight, None))
     }

@@ -25,3 +25,4 @@ pub mod weights;
 
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvType};
+pub use weights::LoadPlan;

@@ -1,12 +1,14 @@
 //! Every matrix product of every model goes through [`Linear`]. Dense weights use candle's
 //! f32 GEMM; weights in the GGML types seer has kernels for (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)
 //! use seer-kernels on the bytes as stored (in place in the GGUF map); other GGML types
-//! keep candle's kernels.
+//! keep candle's kernels. A model whose products run on another device (a GPU) holds its
+//! weights there, for candle's kernels, and sends each product's input over.
 
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
 use seer_kernels::{Bf16Matrix, QuantType};
 
 use crate::mapped::MappedBytes;
@@ -16,8 +18,9 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// `[out, in]` in a type seer-kernels multiplies.
     Ggml(Arc<QuantMatrix>),
-    /// Other GGML types, through candle's kernels.
-    Quantized(QMatMul),
+    /// Through candle's kernels, on the device that holds the weight: GGML types seer has
+    /// no kernel for, and every weight of a model whose products run on a GPU.
+    Candle(QMatMul),
     /// `[out, in]` for seer-kernels' AVX512-BF16 product: rounded to bf16 and packed at
     /// load, or read in place from a file that stores it in 16 bits.
     Bf16(Arc<Bf16Matrix>),
@@ -29,7 +32,47 @@ impl LinearWeight {
         if let Some(m) = QuantMatrix::from_qtensor(&q)? {
             return Ok(LinearWeight::Ggml(Arc::new(m)));
         }
-        Ok(LinearWeight::Quantized(QMatMul::from_qtensor(q)?))
+        Ok(LinearWeight::Candle(QMatMul::from_qtensor(q)?))
+    }
+
+    /// The same weight held on `device` for candle's kernels (in its stored type; bf16
+    /// matrices stay with seer's kernels, as [`crate::weights::Vb`] makes none for a
+    /// device). A mapped matrix's pages are handed back once copied.
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        Ok(match self {
+            LinearWeight::Dense(w) => LinearWeight::Candle(QMatMul::Tensor(w.to_device(device)?)),
+            LinearWeight::Ggml(m) => {
+                let q = m.to_qtensor(device)?;
+                m.release_pages();
+                LinearWeight::Candle(QMatMul::from_qtensor(q)?)
+            }
+            LinearWeight::Candle(QMatMul::QTensor(q)) if !q.device().same_device(device) => {
+                let dims = q.shape().dims().to_vec();
+                LinearWeight::Candle(QMatMul::from_qtensor(qtensor_from_ggml(q.dtype(), &q.data()?, dims, device)?)?)
+            }
+            LinearWeight::Candle(QMatMul::Tensor(w)) => LinearWeight::Candle(QMatMul::Tensor(w.to_device(device)?)),
+            LinearWeight::Candle(QMatMul::TensorF16(w)) => LinearWeight::Candle(QMatMul::TensorF16(w.to_device(device)?)),
+            other => other,
+        })
+    }
+}
+
+/// The device whose memory holds a candle weight.
+fn qmatmul_device(q: &QMatMul) -> Device {
+    match q {
+        QMatMul::QTensor(t) => t.device(),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
+    }
+}
+
+/// The candle GGML type for a seer-kernels type.
+pub fn ggml_type(t: QuantType) -> GgmlDType {
+    match t {
+        QuantType::Q4_0 => GgmlDType::Q4_0,
+        QuantType::Q8_0 => GgmlDType::Q8_0,
+        QuantType::Q4K => GgmlDType::Q4K,
+        QuantType::Q5K => GgmlDType::Q5K,
+        QuantType::Q6K => GgmlDType::Q6K,
     }
 }
 
@@ -99,6 +142,18 @@ impl QuantMatrix {
         }
     }
 
+    /// The blocks copied into a candle tensor on `device`.
+    pub fn to_qtensor(&self, device: &Device) -> Result<QTensor> {
+        qtensor_from_ggml(ggml_type(self.t), self.bytes(), vec![self.rows, self.cols], device)
+    }
+
+    /// Hands a mapped matrix's pages back (they stay in the page cache).
+    pub fn release_pages(&self) {
+        if let WeightBytes::Mapped(m) = &self.bytes {
+            m.release_pages();
+        }
+    }
+
     /// Row `r`, dequantized into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let rb = self.t.row_bytes(self.cols);
@@ -160,7 +215,7 @@ impl Linear {
 
     /// Whether the weight is held in a quantized (GGML) type rather than as floats.
     pub fn is_quantized(&self) -> bool {
-        !matches!(self.weight, LinearWeight::Dense(_))
+        matches!(self.weight, LinearWeight::Ggml(_) | LinearWeight::Candle(QMatMul::QTensor(_)))
     }
 
     /// `x · Wᵢᵀ (+ bᵢ)` for each of `linears`, all with the same input width. A single input
@@ -218,7 +273,14 @@ impl Linear {
                 y.reshape(out_dims)?
             }
             LinearWeight::Ggml(w) => w.forward(x)?,
-            LinearWeight::Quantized(q) => q.forward(x)?,
+            LinearWeight::Candle(q) => {
+                let device = qmatmul_device(q);
+                if device.same_device(x.device()) {
+                    q.forward(x)?
+                } else {
+                    q.forward(&x.to_device(&device)?)?.to_device(x.device())?
+                }
+            }
             LinearWeight::Bf16(w) => {
                 let dtype = x.dtype();
                 let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;

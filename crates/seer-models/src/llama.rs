@@ -699,7 +699,7 @@ impl Llama {
         let lm_head = if vb_head.contains("lm_head.weight") && !c.tie_word_embeddings {
             vb_head.pp("lm_head").linear(c.hidden_size, c.vocab_size, false)?
         } else {
-            embed_tokens.as_linear()?
+            embed_tokens.as_linear(vb.products_on())?
         };
         let quantized = layers.iter().any(|l| matches!(l, Layer::Decoder(b) if b.self_attn.q_proj.is_quantized()));
         Ok(Llama {

@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use serde_json::Value;
 
@@ -14,7 +13,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::llama::{self, Llama, LlamaConfig};
-use crate::weights::{GgufNames, GgufSource, NameMap, SafetensorsSource, TensorSource, Vb};
+use crate::weights::{GgufNames, GgufSource, NameMap, SafetensorsSource, TensorSource, LoadPlan, Vb};
 
 #[derive(Debug, Clone)]
 pub struct LlavaConfig {
@@ -113,10 +112,10 @@ pub struct Llava {
 
 impl Llava {
     /// From a Hugging Face folder whose `config.json` has been parsed into `config`.
-    /// `isq` quantizes the language model's matrices as they load; the vision tower and
-    /// projector stay dense (a small part of the weights, run once per image), in f32, or
-    /// in bf16 with `vision_bf16`.
-    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<GgmlDType>, vision_bf16: bool) -> Result<Self> {
+    /// `plan.isq` quantizes the language model's matrices as they load; the vision tower
+    /// and projector stay dense (a small part of the weights, run once per image), in f32,
+    /// or in bf16 with `plan.vision_bf16`.
+    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, plan: &LoadPlan) -> Result<Self> {
         let c = LlavaConfig::from_hf(config)?;
         let text = find_prefix(&*src, &TEXT_PREFIXES, "embed_tokens.weight")?;
         let vision = find_prefix(&*src, &VISION_PREFIXES, "embeddings.patch_embedding.weight")?;
@@ -126,16 +125,16 @@ impl Llava {
         let root = Vb::new(src);
         let at = |prefix: &str| if prefix.is_empty() { root.clone() } else { root.pp(prefix) };
         Ok(Llava {
-            vision_tower: ClipVisionTransformer::load(&at(vision).with_bf16(vision_bf16), &c.vision)?,
-            projector: Projector::load(&at(projector).with_bf16(vision_bf16), &c)?,
-            language_model: Llama::load(&at(text).with_isq(isq), &at(lm_head).with_isq(isq), &c.text)?,
+            vision_tower: ClipVisionTransformer::load(&at(vision).for_vision(plan), &c.vision)?,
+            projector: Projector::load(&at(projector).for_vision(plan), &c)?,
+            language_model: Llama::load(&at(text).for_text(plan), &at(lm_head).for_text(plan), &c.text)?,
             config: c,
         })
     }
 
-    /// From a llama.cpp text model and its LLaVA projector file; `vision_bf16` runs the
-    /// projector file's matrices in bf16.
-    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
+    /// From a llama.cpp text model and its LLaVA projector file; `plan.vision_bf16` runs
+    /// the projector file's matrices in bf16.
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, plan: &LoadPlan) -> Result<Self> {
         check_projector_type(&mmproj)?;
         let text_cfg = LlamaConfig::from_gguf(&text)?;
         let vision = ClipVisionConfig::from_gguf(&mmproj)?;
@@ -150,10 +149,10 @@ impl Llava {
         };
         let vision_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), clip_name_map(&mmproj, &c.vision))));
         let projector_vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| PROJECTOR_GGUF_NAMES.map(n)))));
-        let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n)))));
+        let text_vb = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n))))).for_text(plan);
         Ok(Llava {
-            vision_tower: ClipVisionTransformer::load(&vision_vb.with_bf16(vision_bf16), &c.vision)?,
-            projector: Projector::load(&projector_vb.with_bf16(vision_bf16), &c)?,
+            vision_tower: ClipVisionTransformer::load(&vision_vb.for_vision(plan), &c.vision)?,
+            projector: Projector::load(&projector_vb.for_vision(plan), &c)?,
             language_model: Llama::load(&text_vb, &text_vb, &c.text)?,
             config: c,
         })

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 use crate::llava::{find_prefix, Llava};
 use crate::gguf::GgufFile;
-use crate::weights::{GgufSource, SafetensorsSource, Vb};
+use crate::weights::{GgufSource, SafetensorsSource, LoadPlan, Vb};
 
 /// Where `image_newline` lives: the hub's 2024 layout, or transformers 5's.
 const NEWLINE_NAMES: [&str; 2] = ["", "model"];
@@ -26,8 +26,8 @@ pub struct LlavaNext {
 }
 
 impl LlavaNext {
-    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<candle_core::quantized::GgmlDType>, vision_bf16: bool) -> Result<Self> {
-        let llava = Llava::load_hf(src.clone(), config, isq, vision_bf16)?;
+    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, plan: &LoadPlan) -> Result<Self> {
+        let llava = Llava::load_hf(src.clone(), config, plan)?;
         let prefix = find_prefix(&*src, &NEWLINE_NAMES, "image_newline")?;
         let root = Vb::new(src);
         let vb = if prefix.is_empty() { root } else { root.pp(prefix) };
@@ -38,8 +38,8 @@ impl LlavaNext {
 
     /// From a llama.cpp text model and a LLaVA-1.6 mmproj (the legacy converter's: an
     /// LLaVA projector plus `model.image_newline` and `clip.vision.image_grid_pinpoints`).
-    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
-        let llava = Llava::load_gguf(text, mmproj.clone(), vision_bf16)?;
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, plan: &LoadPlan) -> Result<Self> {
+        let llava = Llava::load_gguf(text, mmproj.clone(), plan)?;
         let vb = Vb::new(Arc::new(GgufSource::new(mmproj.clone(), Arc::new(|n: &str| Some(n.to_string())))));
         let name = ["model.image_newline", "v.image_newline"].into_iter().find(|n| vb.contains(n)).ok_or_else(|| {
             ModelError::Mismatch(format!("{} has image_grid_pinpoints (LLaVA-1.6) but no image_newline tensor", mmproj.path().display()))

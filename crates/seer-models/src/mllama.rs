@@ -293,7 +293,7 @@ const VISION_PREFIXES: [&str; 2] = ["vision_model", "model.vision_model"];
 const PROJECTOR_PREFIXES: [&str; 2] = ["multi_modal_projector", "model.multi_modal_projector"];
 
 impl Mllama {
-    pub fn load_hf(src: std::sync::Arc<crate::weights::SafetensorsSource>, config: &Value, isq: Option<candle_core::quantized::GgmlDType>, vision_bf16: bool) -> Result<Self> {
+    pub fn load_hf(src: std::sync::Arc<crate::weights::SafetensorsSource>, config: &Value, plan: &crate::weights::LoadPlan) -> Result<Self> {
         use crate::llava::find_prefix;
         let empty = serde_json::json!({});
         let vision_cfg = MllamaVisionConfig::from_hf(config.get("vision_config").unwrap_or(&empty))?;
@@ -308,9 +308,9 @@ impl Mllama {
         let root = Vb::new(src);
         let at = |p: &str| if p.is_empty() { root.clone() } else { root.pp(p) };
         Ok(Mllama {
-            vision: MllamaVision::load(&at(vision).with_bf16(vision_bf16), &vision_cfg)?,
-            projector: at(projector).with_bf16(vision_bf16).linear(vision_cfg.output_dim(), text_cfg.hidden_size, true)?,
-            language_model: crate::llama::Llama::load(&at(text).with_isq(isq), &at(lm_head).with_isq(isq), &text_cfg)?,
+            vision: MllamaVision::load(&at(vision).for_vision(plan), &vision_cfg)?,
+            projector: at(projector).for_vision(plan).linear(vision_cfg.output_dim(), text_cfg.hidden_size, true)?,
+            language_model: crate::llama::Llama::load(&at(text).for_text(plan), &at(lm_head).for_text(plan), &text_cfg)?,
             image_token_id: config.get("image_token_index").and_then(Value::as_u64).unwrap_or(128256) as u32,
         })
     }

@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use seer_kernels::AttnShape;
 use serde_json::Value;
@@ -28,7 +27,7 @@ use crate::layers::{LayerNorm, RmsNorm};
 use crate::linear::{Linear, LinearWeight};
 use crate::llama::{self, Llama, LlamaConfig, Position};
 use crate::llava::{self, find_prefix};
-use crate::weights::{GgufNames, GgufSource, NameMap, SafetensorsSource, Vb};
+use crate::weights::{GgufNames, GgufSource, NameMap, SafetensorsSource, LoadPlan, Vb};
 
 /// Which family: decides the tower's norms, MLP and attention pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -727,10 +726,10 @@ pub struct Qwen2Vl {
 }
 
 impl Qwen2Vl {
-    /// From a Hugging Face folder whose `config.json` has been parsed into `config`. `isq`
-    /// quantizes the decoder's matrices as they load; the tower stays dense, in f32 or,
-    /// with `vision_bf16`, bf16.
-    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, isq: Option<GgmlDType>, vision_bf16: bool) -> Result<Self> {
+    /// From a Hugging Face folder whose `config.json` has been parsed into `config`. 
+    /// `plan.isq` quantizes the decoder's matrices as they load; the tower stays dense, in
+    /// f32 or, with `plan.vision_bf16`, bf16.
+    pub fn load_hf(src: Arc<SafetensorsSource>, config: &Value, plan: &LoadPlan) -> Result<Self> {
         let c = Qwen2VlConfig::from_hf(config)?;
         let text = find_prefix(&*src, &TEXT_PREFIXES, "embed_tokens.weight")?;
         let vision = find_prefix(&*src, &VISION_PREFIXES, "patch_embed.proj.weight")?;
@@ -742,18 +741,18 @@ impl Qwen2Vl {
             )));
         }
         Ok(Qwen2Vl {
-            visual: Qwen2VisionTransformer::load(&root.pp(vision).with_bf16(vision_bf16), &c.vision)?,
+            visual: Qwen2VisionTransformer::load(&root.pp(vision).for_vision(plan), &c.vision)?,
             // `lm_head` sits at the top level; without one the embeddings are tied.
-            language_model: Llama::load(&root.pp(text).with_isq(isq), &root.with_isq(isq), &c.text)?,
+            language_model: Llama::load(&root.pp(text).for_text(plan), &root.for_text(plan), &c.text)?,
             config: c,
         })
     }
 
     /// From a llama.cpp text model (`qwen2vl`) and its `qwen2vl_merger` /
-    /// `qwen2.5vl_merger` mmproj; `vision_bf16` runs the mmproj's matrices in bf16. The
+    /// `qwen2.5vl_merger` mmproj; `plan.vision_bf16` runs the mmproj's matrices in bf16. The
     /// tower follows transformers where llama.cpp parts from it (the merger's GELU is
     /// exact here, ggml's is the tanh form).
-    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, vision_bf16: bool) -> Result<Self> {
+    pub fn load_gguf(text: Arc<GgufFile>, mmproj: Arc<GgufFile>, plan: &LoadPlan) -> Result<Self> {
         let c = Qwen2VlConfig::from_gguf(&text, &mmproj)?;
         let v = &c.vision;
         // The converter writes frame 0 of the Conv3d kernel as `v.patch_embd.weight` and
@@ -762,8 +761,8 @@ impl Qwen2Vl {
         let frame = [v.width, v.in_channels, v.patch_size, v.patch_size];
         let frames = [raw.tensor_shaped("v.patch_embd.weight", &frame)?, raw.tensor_shaped("v.patch_embd.weight.1", &frame)?];
         let swapped = gguf_ffn_layout(&mmproj, v.width)?.0;
-        let tower = Vb::new(Arc::new(GgufSource::new(mmproj, gguf_name_map(swapped)))).with_bf16(vision_bf16);
-        let text = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n)))));
+        let tower = Vb::new(Arc::new(GgufSource::new(mmproj, gguf_name_map(swapped)))).for_vision(plan);
+        let text = Vb::new(Arc::new(GgufSource::new(text, Arc::new(|n: &str| llama::GGUF_NAMES.map(n))))).for_text(plan);
         Ok(Qwen2Vl {
             visual: Qwen2VisionTransformer::with_patch_embed(&tower, v, Tensor::stack(&frames, 2)?)?,
             // No `output.weight`: the embeddings are tied.

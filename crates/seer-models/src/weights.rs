@@ -47,6 +47,21 @@ pub trait TensorSource: Send + Sync {
     }
 }
 
+/// How a model's weights are held, decided once at load.
+#[derive(Clone, Debug, Default)]
+pub struct LoadPlan {
+    /// In-situ quantization of the language model's dense matrices.
+    pub isq: Option<GgmlDType>,
+    /// The vision tower's and projector's products in bf16 (ignored where the CPU lacks
+    /// AVX512-BF16, and when the products run elsewhere).
+    pub vision_bf16: bool,
+    /// Where the matrix products run: `None` for seer's CPU kernels, or a device whose
+    /// memory takes the matrices and whose candle kernels multiply them (a GPU; the CPU
+    /// too, which tests use). Everything else (norms, attention, the KV cache) stays on
+    /// the CPU: each product's input goes to the device and its result comes back.
+    pub products_on: Option<Device>,
+}
+
 /// A view of a [`TensorSource`] under a name prefix, like candle's `VarBuilder`.
 #[derive(Clone)]
 pub struct Vb {
@@ -60,11 +75,26 @@ pub struct Vb {
     /// file stores in f16 or bf16 are read in place, their pages handed back after each
     /// product.
     bf16: bool,
+    /// See [`LoadPlan::products_on`].
+    products_on: Option<Device>,
 }
 
 impl Vb {
     pub fn new(src: Arc<dyn TensorSource>) -> Self {
-        Vb { src, prefix: String::new(), isq: None, bf16: false }
+        Vb { src, prefix: String::new(), isq: None, bf16: false, products_on: None }
+    }
+
+    /// The same view for a language model's weights: quantized at load and placed as
+    /// `plan` says.
+    pub fn for_text(&self, plan: &LoadPlan) -> Vb {
+        Vb { isq: plan.isq, products_on: plan.products_on.clone(), ..self.clone() }
+    }
+
+    /// The same view for a vision tower's or projector's weights: bf16 and placed as
+    /// `plan` says.
+    pub fn for_vision(&self, plan: &LoadPlan) -> Vb {
+        let bf16 = plan.vision_bf16 && plan.products_on.is_none() && Bf16Matrix::available();
+        Vb { bf16, products_on: plan.products_on.clone(), ..self.clone() }
     }
 
     /// The same view with in-situ quantization of its matrices to `isq`.
@@ -72,10 +102,9 @@ impl Vb {
         Vb { isq, ..self.clone() }
     }
 
-    /// The same view with its dense matrices in bf16 (ignored where the CPU lacks
-    /// AVX512-BF16).
-    pub fn with_bf16(&self, bf16: bool) -> Vb {
-        Vb { bf16: bf16 && Bf16Matrix::available(), ..self.clone() }
+    /// Where this view's matrix products run (see [`LoadPlan::products_on`]).
+    pub fn products_on(&self) -> Option<&Device> {
+        self.products_on.as_ref()
     }
 
     /// Descends one level: `vb.pp("layers").pp(3)` names `layers.3.*`.
@@ -151,6 +180,10 @@ impl Vb {
         let weight = match self.isq_matrix("weight")? {
             Some(m) => LinearWeight::Ggml(Arc::new(m)),
             None => self.dense_or_stored(&name, in_dim, out_dim)?,
+        };
+        let weight = match &self.products_on {
+            Some(device) => weight.to_device(device)?,
+            None => weight,
         };
         let bias = if bias { Some(self.tensor_shaped("bias", &[out_dim])?) } else { None };
         Ok(Linear::new(weight, bias))

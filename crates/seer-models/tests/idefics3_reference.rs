@@ -13,7 +13,7 @@ use seer_models::gguf::GgufFile;
 use seer_models::idefics3::Idefics3;
 use seer_models::llava::safetensors_files;
 use seer_models::weights::SafetensorsSource;
-use seer_models::ModelError;
+use seer_models::{LoadPlan, ModelError};
 use serde_json::Value;
 
 const GREEDY_STEPS: usize = 16;
@@ -114,7 +114,7 @@ fn load_hf() -> Idefics3 {
     let dir = fixtures().join("tiny-smolvlm");
     let src = Arc::new(SafetensorsSource::open(&safetensors_files(&dir).unwrap()).unwrap());
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    Idefics3::load_hf(src, &config, None, false).expect("fixture model loads")
+    Idefics3::load_hf(src, &config, &LoadPlan::default()).expect("fixture model loads")
 }
 
 fn gguf(name: &str) -> Arc<GgufFile> {
@@ -139,7 +139,7 @@ fn hf_folder_matches_transformers() {
 /// exactly unless tiny) on case a_square.
 #[test]
 fn gguf_files_match_transformers() {
-    let model = Idefics3::load_gguf(gguf("tiny-smolvlm-F16.gguf"), gguf("mmproj-tiny-smolvlm-F16.gguf"), false).unwrap();
+    let model = Idefics3::load_gguf(gguf("tiny-smolvlm-F16.gguf"), gguf("mmproj-tiny-smolvlm-F16.gguf"), &LoadPlan::default()).unwrap();
     assert_eq!(model.config.scale_factor, 2);
     assert_eq!(model.config.image_token_id, Some(49190));
     check_case(&model, "gguf F16 a_square", &case("a_square"));
@@ -149,12 +149,12 @@ fn gguf_files_match_transformers() {
 fn projector_of_another_model_is_refused() {
     let text = gguf("tiny-smolvlm-F16.gguf");
     let llava_mmproj = gguf_from("llava/gguf/mmproj-tiny-llava-F16.gguf");
-    let err = Idefics3::load_gguf(text, llava_mmproj, false).err().expect("a LLaVA projector is refused");
+    let err = Idefics3::load_gguf(text, llava_mmproj, &LoadPlan::default()).err().expect("a LLaVA projector is refused");
     assert!(matches!(err, ModelError::UnsupportedArchitecture { .. }), "{err}");
     assert!(err.to_string().contains("`mlp`") && err.to_string().contains("idefics3"), "{err}");
 
     let llava_text = gguf_from("llava/gguf/tiny-llava-F16.gguf");
-    let err = Idefics3::load_gguf(llava_text, gguf("mmproj-tiny-smolvlm-F16.gguf"), false).err().expect("size mismatch");
+    let err = Idefics3::load_gguf(llava_text, gguf("mmproj-tiny-smolvlm-F16.gguf"), &LoadPlan::default()).err().expect("size mismatch");
     assert!(matches!(err, ModelError::Mismatch(_)), "{err}");
     assert!(err.to_string().contains("size 32") && err.to_string().contains("hidden size 64"), "{err}");
 }

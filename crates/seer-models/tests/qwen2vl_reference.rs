@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use seer_models::llava::safetensors_files;
 use seer_models::qwen2vl::{decode_position, mrope_positions, Qwen2Vl, RopeIndex, Variant};
 use seer_models::weights::SafetensorsSource;
+use seer_models::LoadPlan;
 use serde_json::Value;
 
 const CASES: [&str; 5] = ["a_square", "b_wide", "c_tall", "d_two_images", "e_system"];
@@ -39,7 +40,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn load(folder: &str) -> Qwen2Vl {
     let dir = fixtures().join(folder);
     let src = SafetensorsSource::open(&safetensors_files(&dir).unwrap()).unwrap();
-    Qwen2Vl::load_hf(Arc::new(src), &read_json(&dir.join("config.json")), None, false).expect("fixture model loads")
+    Qwen2Vl::load_hf(Arc::new(src), &read_json(&dir.join("config.json")), &LoadPlan::default()).expect("fixture model loads")
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {

@@ -298,6 +298,13 @@ impl ModelBuilder {
         self
     }
 
+    /// Where the matrix products run: `"cpu"` (the default, seer's kernels), `"cuda"` or
+    /// `"cuda:N"` (a GPU holds the weights; needs the `cuda` feature).
+    pub fn device(mut self, device: &str) -> Result<Self> {
+        self.load.products_on = seer_engine::parse_device(device)?;
+        Ok(self)
+    }
+
     /// Threads for matrix products (default: all cores). Takes effect for the first
     /// model a process loads.
     pub fn threads(mut self, n: usize) -> Self {

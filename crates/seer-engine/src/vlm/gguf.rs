@@ -49,9 +49,9 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
         .tensor_infos()
         .filter(|t| t.shape.len() == 2 && t.name.contains(".blk."))
         .all(|t| matches!(t.dtype, Some(GgmlDType::F16 | GgmlDType::BF16)));
-    let vision = opts.vision;
+    let plan = opts.plan(sixteen_bit);
     if qwen {
-        let (qwen, preprocess) = qwen2vl_gguf(text, &proj, vision.bf16(sixteen_bit), opts, &tokenizer)?;
+        let (qwen, preprocess) = qwen2vl_gguf(text, &proj, &plan, opts, &tokenizer)?;
         return Ok(Vlm {
             model: Model::Qwen2Vl(qwen),
             tokenizer,
@@ -72,7 +72,7 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
             mean: f32x3(&proj, "clip.vision.image_mean")?,
             std: f32x3(&proj, "clip.vision.image_std")?,
         };
-        let gemma = Gemma3::load_gguf(text, proj.clone(), vision.bf16(sixteen_bit))?;
+        let gemma = Gemma3::load_gguf(text, proj.clone(), &plan)?;
         return Ok(Vlm {
             model: Model::Gemma3(gemma),
             tokenizer,
@@ -87,7 +87,7 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
         });
     }
     if proj.opt_str("clip.projector_type") == Some("idefics3") {
-        let smol = Idefics3::load_gguf(text, proj.clone(), vision.bf16(sixteen_bit))?;
+        let smol = Idefics3::load_gguf(text, proj.clone(), &plan)?;
         let image_token = smol.config.image_token_id.ok_or_else(|| {
             EngineError::Model(ModelError::Mismatch(format!("{}: the vocabulary has no `<image>` token for SmolVLM's tiles", model.display())))
         })?;
@@ -115,7 +115,7 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
     }
     // LLaVA 1.5 or, with grid resolutions in its projector, LLaVA-1.6.
     let (model, preprocess) = if proj.get(PINPOINTS).is_some() {
-        let (next, preprocess) = llava_next_gguf(text, proj, vision.bf16(sixteen_bit))?;
+        let (next, preprocess) = llava_next_gguf(text, proj, &plan)?;
         (Model::LlavaNext(next), preprocess)
     } else {
         let preprocess = Preprocess::LlamaCppLlava {
@@ -123,7 +123,7 @@ pub(super) fn load_gguf(model: &Path, mmproj: &Path, opts: &LoadOptions) -> Resu
             mean: f32x3(&proj, "clip.vision.image_mean")?,
             std: f32x3(&proj, "clip.vision.image_std")?,
         };
-        (Model::Llava(Llava::load_gguf(text, proj, vision.bf16(sixteen_bit))?), preprocess)
+        (Model::Llava(Llava::load_gguf(text, proj, &plan)?), preprocess)
     };
     Ok(Vlm {
         model,
@@ -145,7 +145,7 @@ const PINPOINTS: &str = "clip.vision.image_grid_pinpoints";
 /// `image_newline` after each row, as transformers packs it (llama.cpp 0c1e57098 reads the
 /// same file as tiles then the base, without either: tests/fixtures/llava_next/README.md).
 /// The pixels are llama.cpp's: its resampler runs the horizontal pass first.
-fn llava_next_gguf(text: Arc<GgufFile>, proj: Arc<GgufFile>, vision_bf16: bool) -> Result<(LlavaNext, Preprocess)> {
+fn llava_next_gguf(text: Arc<GgufFile>, proj: Arc<GgufFile>, plan: &LoadPlan) -> Result<(LlavaNext, Preprocess)> {
     let size = proj.get_u32("clip.vision.image_size")?;
     let bad = |detail: String| EngineError::Model(ModelError::Format { path: proj.path().into(), format: "GGUF", detail });
     let values: Vec<u32> = proj.get(PINPOINTS).and_then(|v| v.to_vec().ok()).into_iter().flatten().filter_map(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().and_then(|x| u32::try_from(x).ok()))).collect();
@@ -160,7 +160,7 @@ fn llava_next_gguf(text: Arc<GgufFile>, proj: Arc<GgufFile>, vision_bf16: bool) 
         image_std: f32x3(&proj, "clip.vision.image_std")?.map(f64::from),
         ..ClipProcessorConfig::default()
     };
-    let model = LlavaNext::load_gguf(text, proj, vision_bf16)?;
+    let model = LlavaNext::load_gguf(text, proj, plan)?;
     let cfg = LlavaNextProcessorConfig { clip, pinpoints, order: PassOrder::HorizontalFirst };
     let preprocess = Preprocess::LlavaNext { cfg, cells: model.cells_per_tile(), base_tokens: model.llava.config.image_tokens() };
     Ok((model, preprocess))
@@ -168,9 +168,9 @@ fn llava_next_gguf(text: Arc<GgufFile>, proj: Arc<GgufFile>, vision_bf16: bool) 
 
 /// Qwen2-VL or Qwen2.5-VL from a `qwen2vl` text model and its merger mmproj, with
 /// llama.cpp's preprocessing.
-fn qwen2vl_gguf(text: Arc<GgufFile>, proj: &Arc<GgufFile>, vision_bf16: bool, opts: &LoadOptions, tokenizer: &Tokenizer) -> Result<(Qwen2Vl, Preprocess)> {
+fn qwen2vl_gguf(text: Arc<GgufFile>, proj: &Arc<GgufFile>, plan: &LoadPlan, opts: &LoadOptions, tokenizer: &Tokenizer) -> Result<(Qwen2Vl, Preprocess)> {
     let path = text.path().display().to_string();
-    let qwen = Qwen2Vl::load_gguf(text, proj.clone(), vision_bf16)?;
+    let qwen = Qwen2Vl::load_gguf(text, proj.clone(), plan)?;
     let preprocess = Preprocess::Qwen2Vl(llamacpp_qwen2vl_processor(proj, &qwen, opts)?);
     if let Some(missing) = [VISION_START, VISION_END].into_iter().find(|t| tokenizer.token_to_id(t).is_none()) {
         return Err(ModelError::Mismatch(format!("{path}: the vocabulary has no `{missing}` token for Qwen2-VL's images")).into());

@@ -3,7 +3,8 @@
 
 use super::*;
 
-pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Result<Vlm> {
+pub(super) fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<Vlm> {
+    let isq = opts.isq;
     let config = read_json(&dir.join("config.json"))?;
     let family = hf_family(&config)?;
     let files = llava::safetensors_files(dir)?;
@@ -16,15 +17,18 @@ pub(super) fn load_hf(dir: &Path, isq: Option<Isq>, vision: VisionDtype) -> Resu
         Some(q) => (src.f32_bytes() as f64 / 4.0 * (q.bytes_per_weight() + 0.25)) as u64,
         None => src.f32_bytes(),
     };
-    check_memory(dir, need, isq.is_some())?;
-    let (isq_type, bf16) = (isq.map(Isq::ggml_type), vision.bf16(isq.is_some()));
+    // Matrices multiplied on a GPU go there one at a time: the host holds one at most.
+    if opts.products_on.as_ref().is_none_or(Device::is_cpu) {
+        check_memory(dir, need, isq.is_some())?;
+    }
+    let plan = opts.plan(isq.is_some());
     let model = match family {
-        HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, isq_type, bf16)?),
-        HfFamily::LlavaNext => Model::LlavaNext(LlavaNext::load_hf(src, &config, isq_type, bf16)?),
-        HfFamily::Gemma3 => Model::Gemma3(Gemma3::load_hf(src, &config, isq_type, bf16)?),
-        HfFamily::Mllama => Model::Mllama(Mllama::load_hf(src, &config, isq_type, bf16)?),
-        HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, isq_type, bf16)?),
-        HfFamily::Qwen2Vl => Model::Qwen2Vl(Qwen2Vl::load_hf(src, &config, isq_type, bf16)?),
+        HfFamily::Llava => Model::Llava(Llava::load_hf(src, &config, &plan)?),
+        HfFamily::LlavaNext => Model::LlavaNext(LlavaNext::load_hf(src, &config, &plan)?),
+        HfFamily::Gemma3 => Model::Gemma3(Gemma3::load_hf(src, &config, &plan)?),
+        HfFamily::Mllama => Model::Mllama(Mllama::load_hf(src, &config, &plan)?),
+        HfFamily::Idefics3 => Model::Idefics3(Idefics3::load_hf(src, &config, &plan)?),
+        HfFamily::Qwen2Vl => Model::Qwen2Vl(Qwen2Vl::load_hf(src, &config, &plan)?),
     };
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let source = hf_chat_template(dir)?.ok_or_else(|| {

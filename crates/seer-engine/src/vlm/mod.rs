@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use seer_models::gguf::GgufFile;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use seer_models::llama::Llama;
 use seer_models::llava::{self, Llava};
 use seer_models::weights::SafetensorsSource;
-use seer_models::{KvCache, KvType, ModelError};
+use seer_models::{KvCache, KvType, LoadPlan, ModelError};
 use seer_models::idefics3::Idefics3;
 use seer_models::gemma3::Gemma3;
 use seer_models::mllama::Mllama;
@@ -96,6 +96,48 @@ pub struct LoadOptions {
     /// their processor's pixel bounds.
     pub image_min_tokens: Option<usize>,
     pub image_max_tokens: Option<usize>,
+    /// Where the matrix products run: `None` for seer's CPU kernels, or a device (a GPU,
+    /// see [`parse_device`]) that holds the matrices and multiplies them with candle's
+    /// kernels while the rest of the model stays on the CPU.
+    pub products_on: Option<Device>,
+}
+
+impl LoadOptions {
+    /// The model crate's plan: `vision_bf16_auto` says whether the files already gave up
+    /// f32 precision (a 16-bit mmproj, or `--isq`).
+    fn plan(&self, vision_bf16_auto: bool) -> LoadPlan {
+        LoadPlan { isq: self.isq.map(Isq::ggml_type), vision_bf16: self.vision.bf16(vision_bf16_auto), products_on: self.products_on.clone() }
+    }
+}
+
+/// `cpu` (seer's own kernels; `None`), `cuda` or `cuda:N` (the N-th GPU, with the `cuda`
+/// feature).
+pub fn parse_device(s: &str) -> Result<Option<Device>> {
+    let s = s.trim().to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(None);
+    }
+    let Some(rest) = s.strip_prefix("cuda") else {
+        return Err(EngineError::BadRequest(format!("unknown device `{s}`: expected cpu, cuda or cuda:N")));
+    };
+    let ordinal = match rest.strip_prefix(':') {
+        Some(n) => n.parse::<usize>().map_err(|_| EngineError::BadRequest(format!("device `{s}`: `{n}` is not a GPU number")))?,
+        None if rest.is_empty() => 0,
+        None => return Err(EngineError::BadRequest(format!("unknown device `{s}`: expected cpu, cuda or cuda:N"))),
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(EngineError::BadRequest(format!(
+            "device `{s}`: this seer was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)"
+        )));
+    }
+    Device::new_cuda(ordinal).map(Some).map_err(|e| {
+        // The driver's own words, without the backtrace candle attaches.
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
+        EngineError::BadRequest(format!("device `{s}` cannot be opened: {e}"))
+    })
 }
 
 /// The precision of the vision tower's and projector's matrix products.
@@ -293,7 +335,7 @@ impl Vlm {
                     model.display()
                 )));
             }
-            return hf::load_hf(model, opts.isq, opts.vision).map(|v| v.with_kv_cache(opts.kv_cache));
+            return hf::load_hf(model, opts).map(|v| v.with_kv_cache(opts.kv_cache));
         }
         if opts.isq.is_some() {
             return Err(EngineError::BadRequest(format!(
