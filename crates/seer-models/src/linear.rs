@@ -65,15 +65,10 @@ fn qmatmul_device(q: &QMatMul) -> Device {
     }
 }
 
-/// The candle GGML type for a seer-kernels type.
+/// The candle GGML type for a seer-kernels type ([`quant_type`]'s inverse).
 pub fn ggml_type(t: QuantType) -> GgmlDType {
-    match t {
-        QuantType::Q4_0 => GgmlDType::Q4_0,
-        QuantType::Q8_0 => GgmlDType::Q8_0,
-        QuantType::Q4K => GgmlDType::Q4K,
-        QuantType::Q5K => GgmlDType::Q5K,
-        QuantType::Q6K => GgmlDType::Q6K,
-    }
+    const HELD: [GgmlDType; 5] = [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+    HELD.into_iter().find(|&d| quant_type(d) == Some(t)).expect("every seer-kernels type is a GGML type")
 }
 
 /// The seer-kernels type for a candle GGML type.

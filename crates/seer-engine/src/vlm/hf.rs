@@ -17,7 +17,8 @@ pub(super) fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<Vlm> {
         Some(q) => (src.f32_bytes() as f64 / 4.0 * (q.bytes_per_weight() + 0.25)) as u64,
         None => src.f32_bytes(),
     };
-    // Matrices multiplied on a GPU go there one at a time: the host holds one at most.
+    // Matrices multiplied on a GPU go there one at a time: the host keeps only the
+    // embedding table, the norms and whatever matrix is on its way.
     if opts.products_on.as_ref().is_none_or(Device::is_cpu) {
         check_memory(dir, need, isq.is_some())?;
     }
