@@ -564,6 +564,8 @@ impl Vlm {
         let context = self.context_length();
         let mut timings = Timings::default();
         let mut cache = self.model.new_cache();
+        // Room for the whole answer now: growing the cache mid-answer would copy all of it.
+        cache.reserve((prompt_tokens + req.max_tokens).min(context));
         let mut logits = self.prefill(&prompt, pixels.as_ref(), &mut cache, &mut timings)?;
         timings.ttft_ms = ms(start);
 

@@ -25,6 +25,9 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     const F16: bool;
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `n` zeros, from the allocator's zeroed memory: fresh pages are not touched (and take
+    /// no memory) until written.
+    fn zeroed(n: usize) -> Vec<Self>;
 }
 
 impl KvElem for f32 {
@@ -35,6 +38,9 @@ impl KvElem for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    fn zeroed(n: usize) -> Vec<Self> {
+        vec![0.0; n]
+    }
 }
 
 impl KvElem for half::f16 {
@@ -44,6 +50,11 @@ impl KvElem for half::f16 {
     }
     fn to_f32(self) -> f32 {
         half::f16::to_f32(self)
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        // vec! recognises zero for u16, not for f16 (which it would fill value by value).
+        vec![0u16; n].reinterpret_into()
     }
 }
 

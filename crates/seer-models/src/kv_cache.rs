@@ -70,8 +70,10 @@ impl KvCache {
         }
     }
 
-    /// Makes room for `need` positions in every layer.
-    fn reserve(&mut self, need: usize) {
+    /// Makes room for `need` positions in every layer. A sequence that reserves what it
+    /// may reach (prompt plus answer) never moves its cache mid-answer; the room it does
+    /// not use takes no memory.
+    pub fn reserve(&mut self, need: usize) {
         if need <= self.capacity {
             return;
         }
@@ -149,7 +151,7 @@ impl KvCache {
 
 /// Moves each head's first `len` positions from capacity `old` to `cap`.
 fn regrow<T: KvElem>(buf: &mut Vec<T>, heads: usize, d: usize, old: usize, cap: usize, len: usize) {
-    let mut new = vec![T::default(); heads * cap * d];
+    let mut new = T::zeroed(heads * cap * d);
     for h in 0..heads {
         new[h * cap * d..][..len * d].copy_from_slice(&buf[h * old * d..][..len * d]);
     }
