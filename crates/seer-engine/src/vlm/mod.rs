@@ -127,7 +127,7 @@ pub fn parse_device(s: &str) -> Result<Option<Device>> {
     };
     if !cfg!(feature = "cuda") {
         return Err(EngineError::BadRequest(format!(
-            "device `{s}`: this seer was built without the `cuda` feature (rebuild with `cargo build --release --features cuda`)"
+            "device `{s}`: this seer was built without the `cuda` feature (rebuild with `cargo build --release -p seer-cli --features cuda`)"
         )));
     }
     Device::new_cuda(ordinal).map(Some).map_err(|e| {
