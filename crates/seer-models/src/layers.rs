@@ -100,12 +100,9 @@ impl Embedding {
             Embedding::Ggml(q) => LinearWeight::Ggml(q.clone()),
             Embedding::Quantized(q) => LinearWeight::Candle(QMatMul::from_arc(q.clone())?),
         };
+        // A copy there: the lookup keeps reading the table here.
         let weight = match products_on {
-            Some(device) => match self {
-                // Copied, not moved: the lookup keeps reading the table in place.
-                Embedding::Ggml(q) => LinearWeight::Candle(QMatMul::from_qtensor(q.to_qtensor(device)?)?),
-                _ => weight.to_device(device)?,
-            },
+            Some(device) => weight.to_device(device)?,
             None => weight,
         };
         Ok(Linear::new(weight, None))

@@ -35,25 +35,29 @@ impl LinearWeight {
         Ok(LinearWeight::Candle(QMatMul::from_qtensor(q)?))
     }
 
-    /// The same weight held on `device` for candle's kernels (in its stored type; bf16
-    /// matrices stay with seer's kernels, as [`crate::weights::Vb`] makes none for a
-    /// device). A mapped matrix's pages are handed back once copied.
-    pub fn to_device(self, device: &Device) -> Result<Self> {
-        Ok(match self {
-            LinearWeight::Dense(w) => LinearWeight::Candle(QMatMul::Tensor(w.to_device(device)?)),
-            LinearWeight::Ggml(m) => {
-                let q = m.to_qtensor(device)?;
-                m.release_pages();
-                LinearWeight::Candle(QMatMul::from_qtensor(q)?)
-            }
-            LinearWeight::Candle(QMatMul::QTensor(q)) if !q.device().same_device(device) => {
+    /// A copy of the weight held on `device` for candle's kernels, in its stored type
+    /// (bf16 matrices stay with seer's kernels, as [`crate::weights::Vb`] makes none for a
+    /// device).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(LinearWeight::Candle(match self {
+            LinearWeight::Candle(q) if qmatmul_device(q).same_device(device) => q.clone(),
+            LinearWeight::Dense(w) | LinearWeight::Candle(QMatMul::Tensor(w)) => QMatMul::Tensor(w.to_device(device)?),
+            LinearWeight::Candle(QMatMul::TensorF16(w)) => QMatMul::TensorF16(w.to_device(device)?),
+            LinearWeight::Ggml(m) => QMatMul::from_qtensor(m.to_qtensor(device)?)?,
+            LinearWeight::Candle(QMatMul::QTensor(q)) => {
                 let dims = q.shape().dims().to_vec();
-                LinearWeight::Candle(QMatMul::from_qtensor(qtensor_from_ggml(q.dtype(), &q.data()?, dims, device)?)?)
+                QMatMul::from_qtensor(qtensor_from_ggml(q.dtype(), &q.data()?, dims, device)?)?
             }
-            LinearWeight::Candle(QMatMul::Tensor(w)) => LinearWeight::Candle(QMatMul::Tensor(w.to_device(device)?)),
-            LinearWeight::Candle(QMatMul::TensorF16(w)) => LinearWeight::Candle(QMatMul::TensorF16(w.to_device(device)?)),
-            other => other,
-        })
+            LinearWeight::Bf16(m) => return Ok(LinearWeight::Bf16(m.clone())),
+        }))
+    }
+
+    /// Hands a weight's mapped pages back (they stay in the page cache): for a weight
+    /// whose copy lives elsewhere now.
+    pub fn release_pages(&self) {
+        if let LinearWeight::Ggml(m) = self {
+            m.release_pages();
+        }
     }
 }
 

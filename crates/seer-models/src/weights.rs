@@ -181,8 +181,13 @@ impl Vb {
             Some(m) => LinearWeight::Ggml(Arc::new(m)),
             None => self.dense_or_stored(&name, in_dim, out_dim)?,
         };
+        // On a device the copy there is the weight: the file's pages go back.
         let weight = match &self.products_on {
-            Some(device) => weight.to_device(device)?,
+            Some(device) => {
+                let copy = weight.to_device(device)?;
+                weight.release_pages();
+                copy
+            }
             None => weight,
         };
         let bias = if bias { Some(self.tensor_shaped("bias", &[out_dim])?) } else { None };

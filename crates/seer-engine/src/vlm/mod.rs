@@ -117,13 +117,12 @@ pub fn parse_device(s: &str) -> Result<Option<Device>> {
     if s == "cpu" {
         return Ok(None);
     }
-    let Some(rest) = s.strip_prefix("cuda") else {
-        return Err(EngineError::BadRequest(format!("unknown device `{s}`: expected cpu, cuda or cuda:N")));
-    };
+    let unknown = || EngineError::BadRequest(format!("unknown device `{s}`: expected cpu, cuda or cuda:N"));
+    let rest = s.strip_prefix("cuda").ok_or_else(unknown)?;
     let ordinal = match rest.strip_prefix(':') {
         Some(n) => n.parse::<usize>().map_err(|_| EngineError::BadRequest(format!("device `{s}`: `{n}` is not a GPU number")))?,
         None if rest.is_empty() => 0,
-        None => return Err(EngineError::BadRequest(format!("unknown device `{s}`: expected cpu, cuda or cuda:N"))),
+        None => return Err(unknown()),
     };
     if !cfg!(feature = "cuda") {
         return Err(EngineError::BadRequest(format!(
