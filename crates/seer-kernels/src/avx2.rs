@@ -25,16 +25,13 @@ pub(crate) unsafe fn run(job: &Job, act: &Act, r0: usize, r1: usize, i0: usize, 
     let nb = job.cols / job.t.block_size();
     macro_rules! go {
         ($k:ident $(, $c:literal)?) => {
-            drive(job, r0, r1, i0, i1, out, 4, false, |w, _, _, i, m| unsafe {
-                [
-                    match m {
-                        1 => widen($k::<1 $(, $c)?>(w, nb, act, i)),
-                        2 => widen($k::<2 $(, $c)?>(w, nb, act, i)),
-                        3 => widen($k::<3 $(, $c)?>(w, nb, act, i)),
-                        _ => widen($k::<4 $(, $c)?>(w, nb, act, i)),
-                    },
-                    [0.0; MAX_TILE],
-                ]
+            drive(job, r0, r1, i0, i1, out, 4, |w, i, m| unsafe {
+                match m {
+                    1 => widen($k::<1 $(, $c)?>(w, nb, act, i)),
+                    2 => widen($k::<2 $(, $c)?>(w, nb, act, i)),
+                    3 => widen($k::<3 $(, $c)?>(w, nb, act, i)),
+                    _ => widen($k::<4 $(, $c)?>(w, nb, act, i)),
+                }
             })
         };
     }

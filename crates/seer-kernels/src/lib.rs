@@ -485,18 +485,16 @@ impl Job<'_> {
 /// Most activation rows one kernel call handles (the register tile).
 pub(crate) const MAX_TILE: usize = 4;
 
-/// One kernel call's results: `[weight row][activation row]`.
-pub(crate) type TileOut = [[f32; MAX_TILE]; 2];
+/// One kernel call's results, one per activation row.
+pub(crate) type TileOut = [f32; MAX_TILE];
 
 /// Bytes of weight rows walked per pass while a tile of activation rows sits in L1: they
 /// stay in L2 (with the activation panel) from one tile to the next.
 const WEIGHT_PASS_BYTES: usize = 160 << 10;
 
 /// The loop every path shares. For each run of weight rows that fits in L2, for each tile
-/// of up to `tile_max` activation rows (kept in L1), for each weight row (or pair of rows
-/// when `pairs` and the tile is a single activation row, so that two rows share the
-/// activation loads): `tile(w, stride, nr, i, m)` returns the dot products of the `nr`
-/// rows at `w`, `w + stride` with activation rows `i..i + m`.
+/// of up to `tile_max` activation rows (kept in L1), for each weight row: `tile(w, i, m)`
+/// returns the dot products of the row at `w` with activation rows `i..i + m`.
 ///
 /// # Safety
 /// `out` must have room for `i1 × job.rows` values and no other thread may write the
@@ -511,8 +509,7 @@ pub(crate) unsafe fn drive(
     i1: usize,
     out: OutPtr,
     tile_max: usize,
-    pairs: bool,
-    mut tile: impl FnMut(*const u8, usize, usize, usize, usize) -> TileOut,
+    mut tile: impl FnMut(*const u8, usize, usize) -> TileOut,
 ) {
     let row_bytes = job.t.row_bytes(job.cols);
     let pass = (WEIGHT_PASS_BYTES / row_bytes.max(1)).max(2);
@@ -522,24 +519,11 @@ pub(crate) unsafe fn drive(
         let mut i = i0;
         while i < i1 {
             let m = (i1 - i).min(tile_max);
-            let mut r = s0;
-            if pairs && m == 1 {
-                // Rows t and t + half: two long sequential streams, which the hardware
-                // prefetchers follow (adjacent rows interleaved within pages defeat them).
-                let half = (s1 - s0) / 2;
-                for t in s0..s0 + half {
-                    let res = tile(job.w.as_ptr().add(t * row_bytes), half * row_bytes, 2, i, 1);
-                    *out.0.add(i * job.rows + t) = res[0][0];
-                    *out.0.add(i * job.rows + t + half) = res[1][0];
-                }
-                r = s0 + 2 * half;
-            }
-            while r < s1 {
-                let res = tile(job.w.as_ptr().add(r * row_bytes), row_bytes, 1, i, m);
-                for (k, v) in res[0].iter().enumerate().take(m) {
+            for r in s0..s1 {
+                let res = tile(job.w.as_ptr().add(r * row_bytes), i, m);
+                for (k, v) in res.iter().enumerate().take(m) {
                     *out.0.add((i + k) * job.rows + r) = *v;
                 }
-                r += 1;
             }
             i += m;
         }

@@ -79,9 +79,9 @@ pub(crate) fn dequantize(t: QuantType, src: &[u8], dst: &mut [f32]) {
 pub(crate) unsafe fn run(job: &Job, act: &Act, r0: usize, r1: usize, i0: usize, i1: usize, out: OutPtr) {
     let nb = job.cols / job.t.block_size();
     let t = job.t;
-    drive(job, r0, r1, i0, i1, out, MAX_TILE, false, |w, _, _, i, m| {
-        let mut res = [[0f32; MAX_TILE]; 2];
-        for (k, r) in res[0].iter_mut().enumerate().take(m) {
+    drive(job, r0, r1, i0, i1, out, MAX_TILE, |w, i, m| {
+        let mut res = [0f32; MAX_TILE];
+        for (k, r) in res.iter_mut().enumerate().take(m) {
             // SAFETY: `w` points at a whole row of `nb` blocks; `i + k` is a quantized row.
             let w = unsafe { std::slice::from_raw_parts(w, t.row_bytes(job.cols)) };
             *r = dot(t, w, nb, act, i + k);
