@@ -147,8 +147,8 @@ unsafe fn f16x2(p: *const u8) -> (f32, f32) {
 unsafe fn q8_0<const NR: usize, const M: usize>(walk: Walk, nb: usize, act: &Act, i: usize, mut emit: impl FnMut(usize, [[f32; M]; NR])) {
     let Rows { q: qa, d: da, aux, dx, .. } = rows::<M>(act, i, false);
     let flip = _mm512_set1_epi8(-128);
-    for g in 0..walk.count {
-        let (w, stride) = (walk.w.add(g * walk.step), walk.stride);
+    for group in 0..walk.count {
+        let (w, stride) = (walk.w.add(group * walk.step), walk.stride);
         let mut acc = [[_mm512_setzero_ps(); M]; NR];
         // Two blocks per register: lanes 0-7 the first, 8-15 the second.
         for p in 0..nb / 2 {
@@ -188,7 +188,7 @@ unsafe fn q8_0<const NR: usize, const M: usize>(walk: Walk, nb: usize, act: &Act
                 }
             }
         }
-        emit(g, r);
+        emit(group, r);
     }
 }
 
@@ -202,8 +202,8 @@ unsafe fn q4_0<const NR: usize, const M: usize>(walk: Walk, nb: usize, act: &Act
     let Rows { q: qa, d: da, aux, dx, .. } = rows::<M>(act, i, false);
     let m4 = _mm512_set1_epi8(0x0f);
     let quad = _mm256_load_si256(QUAD_IDX.0.as_ptr() as *const __m256i);
-    for g in 0..walk.count {
-        let (w, stride) = (walk.w.add(g * walk.step), walk.stride);
+    for group in 0..walk.count {
+        let (w, stride) = (walk.w.add(group * walk.step), walk.stride);
         let mut acc = [[_mm512_setzero_ps(); M]; NR];
         // Four blocks per register pair: the low nibbles of blocks 0-3, then their high nibbles;
         // lanes 4j..4j + 4 of the sums belong to block j.
@@ -263,7 +263,7 @@ unsafe fn q4_0<const NR: usize, const M: usize>(walk: Walk, nb: usize, act: &Act
                 }
             }
         }
-        emit(g, r);
+        emit(group, r);
     }
 }
 
@@ -326,8 +326,8 @@ unsafe fn q4k<const NR: usize, const M: usize, const FIVE: bool>(
         _mm512_load_si512(K4_SHUF.0[2].as_ptr() as *const __m512i),
         _mm512_load_si512(K4_SHUF.0[3].as_ptr() as *const __m512i),
     ];
-    for g in 0..walk.count {
-        let (w, stride) = (walk.w.add(g * walk.step), walk.stride);
+    for group in 0..walk.count {
+        let (w, stride) = (walk.w.add(group * walk.step), walk.stride);
         let mut facc = [[_mm512_setzero_ps(); M]; NR];
         let mut macc = [[_mm_setzero_ps(); M]; NR];
         for b in 0..nb {
@@ -386,7 +386,7 @@ unsafe fn q4k<const NR: usize, const M: usize, const FIVE: bool>(
             }
         }
         let r = sums(facc);
-        emit(g, r);
+        emit(group, r);
     }
 }
 
@@ -423,8 +423,8 @@ unsafe fn q6k<const NR: usize, const M: usize>(walk: Walk, nb: usize, act: &Act,
     // nibbles) or 4-5 (high), the last 32 bytes those at 2-3 or 6-7.
     let shl = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
     let shr = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(2));
-    for g in 0..walk.count {
-        let (w, stride) = (walk.w.add(g * walk.step), walk.stride);
+    for group in 0..walk.count {
+        let (w, stride) = (walk.w.add(group * walk.step), walk.stride);
         let mut facc = [[_mm512_setzero_ps(); M]; NR];
         for b in 0..nb {
             let mut q = [[_mm512_setzero_si512(); 4]; NR];
@@ -473,6 +473,6 @@ unsafe fn q6k<const NR: usize, const M: usize>(walk: Walk, nb: usize, act: &Act,
             }
         }
         let r = sums(facc);
-        emit(g, r);
+        emit(group, r);
     }
 }
