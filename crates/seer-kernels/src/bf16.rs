@@ -136,7 +136,7 @@ impl Bf16Matrix {
         let out = OutPtr(out.as_mut_ptr());
         let task = |panels: Range<usize>| {
             let base = &out; // the whole OutPtr, not its raw field, is shared with the tasks
-            let mut scratch = Vec::new();
+            let (mut scratch, mut staged) = (Vec::new(), Vec::new());
             for p in panels {
                 let cols = (n - p * NR).min(NR);
                 let b: &[u32] = match &self.weights {
@@ -145,7 +145,7 @@ impl Bf16Matrix {
                         scratch.resize(pairs * NR, 0);
                         let rows = &bytes.bytes()[p * NR * k * 2..(p * NR + cols) * k * 2];
                         // SAFETY: AVX512-BF16 was checked; `rows` holds `cols` rows of `k`.
-                        unsafe { x86::pack_panel(*half, rows, k, &mut scratch) };
+                        unsafe { x86::pack_panel(*half, rows, k, &mut scratch, &mut staged) };
                         &scratch
                     }
                 };
@@ -239,7 +239,19 @@ mod x86 {
     /// bf16 as [`bf16_bits`] does. Columns past the last row are zero. Blocks of 16 rows ×
     /// 16 pairs are loaded a row each and transposed in registers.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_panel(half: Half, rows: &[u8], k: usize, panel: &mut [u32]) {
+    pub(super) unsafe fn pack_panel(half: Half, rows: &[u8], k: usize, panel: &mut [u32], staged: &mut Vec<u8>) {
+        // The rows are one contiguous run: read it once in order (a stream the hardware
+        // prefetchers follow) into bf16, then transpose from cache. Transposing straight
+        // from the map reads 16 rows side by side, strided streams they do not follow.
+        let rows = match half {
+            Half::Bf16 => rows,
+            Half::F16 => {
+                staged.resize(rows.len(), 0);
+                f16_to_bf16(rows, staged);
+                &staged[..]
+            }
+        };
+        let half = Half::Bf16;
         let pairs = k.div_ceil(2);
         let cols = rows.len() / (2 * k.max(1));
         for c0 in (0..NR).step_by(16) {
@@ -253,6 +265,23 @@ mod x86 {
                     _mm512_storeu_si512(panel.as_mut_ptr().add((q + i) * NR + c0) as *mut __m512i, *v);
                 }
             }
+        }
+    }
+
+    /// `src` (f16 values) as bf16 in `dst`, rounded as [`bf16_bits`] does.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn f16_to_bf16(src: &[u8], dst: &mut [u8]) {
+        let whole = src.len() / 64 * 64;
+        for i in (0..whole).step_by(64) {
+            let p = src.as_ptr().add(i);
+            let lo = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+            let hi = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+            let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(i) as *mut __m512i, v);
+        }
+        for i in (whole..src.len()).step_by(2) {
+            let x = crate::f16_to_f32(u16::from_le_bytes([src[i], src[i + 1]]));
+            dst[i..i + 2].copy_from_slice(&bf16_bits(x).to_le_bytes());
         }
     }
 
