@@ -8,9 +8,9 @@
 //! file stores them, row-major f16 or bf16, and packs each panel as a product needs it:
 //! a panel is 32 rows, converted once per product and used by every activation row, so
 //! for a vision tower's hundreds of rows the packing costs a few percent (4 % of CLIP-L's
-//! encode, weights read from DRAM) and the weights never take the process's own memory. Activations are rounded to bf16 per call. Each
-//! task takes one panel and runs it against all activation rows, eight at a time, the
-//! panel staying in L2.
+//! encode, weights read from DRAM) and the weights never take the process's own memory.
+//! Activations are rounded to bf16 per call. Each task takes one panel and runs it against
+//! all activation rows, eight at a time, the panel staying in L2.
 
 use std::ops::Range;
 
@@ -251,14 +251,13 @@ mod x86 {
                 &staged[..]
             }
         };
-        let half = Half::Bf16;
         let pairs = k.div_ceil(2);
         let cols = rows.len() / (2 * k.max(1));
         for c0 in (0..NR).step_by(16) {
             for q in (0..pairs).step_by(16) {
                 let mut r = [_mm512_setzero_si512(); 16];
                 for (i, reg) in r.iter_mut().enumerate().filter(|(i, _)| c0 + i < cols) {
-                    *reg = pairs16(half, &rows[(c0 + i) * 2 * k..(c0 + i + 1) * 2 * k], q);
+                    *reg = pairs16(&rows[(c0 + i) * 2 * k..(c0 + i + 1) * 2 * k], q);
                 }
                 let t = crate::gemm512::transpose16(r);
                 for (i, v) in t.iter().enumerate().take(pairs - q) {
@@ -285,11 +284,11 @@ mod x86 {
         }
     }
 
-    /// Pairs `q..q + 16` of `row` (16-bit values, two per pair) as bf16 pairs, zero past
+    /// Pairs `q..q + 16` of `row` (bf16 values, two per pair), zero past
     /// the row's end.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn pairs16(half: Half, row: &[u8], q: usize) -> __m512i {
+    unsafe fn pairs16(row: &[u8], q: usize) -> __m512i {
         let (mut buf, start) = ([0u8; 64], 4 * q);
         let have = row.len().saturating_sub(start).min(64);
         let src = if have == 64 {
@@ -298,14 +297,7 @@ mod x86 {
             buf[..have].copy_from_slice(&row[start..start + have]);
             buf.as_ptr()
         };
-        match half {
-            Half::Bf16 => _mm512_loadu_si512(src as *const __m512i),
-            Half::F16 => {
-                let lo = _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i));
-                let hi = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(32) as *const __m256i));
-                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
-            }
-        }
+        _mm512_loadu_si512(src as *const __m512i)
     }
 
     /// One `MR × NR` tile over all `pairs`: `a` holds `MR` rows of `pairs` u32, `b` the
