@@ -56,6 +56,7 @@ struct Line([u8; 64]);
 thread_local! {
     /// This thread's packed panel.
     static PACK: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    /// This thread's copy of the panel's rows, read in order before packing.
     static STAGED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -78,8 +79,7 @@ pub(crate) unsafe fn run(job: &Job, act: &Act, r0: usize, r1: usize, out: OutPtr
             // hardware prefetchers follow), then pack from cache. Packing straight from
             // the map reads 16 rows side by side, strided streams they do not follow.
             let src = &job.w[p0 * row_bytes..(p0 + valid) * row_bytes];
-            STAGED.with(|s| {
-                let mut s = s.borrow_mut();
+            crate::with_local(&STAGED, |s| {
                 s.clear();
                 s.extend_from_slice(src);
                 pack_panel(job.t, s.as_ptr(), row_bytes, valid, nb, pack.as_mut_ptr() as *mut u8);
